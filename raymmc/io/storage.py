@@ -1,0 +1,163 @@
+"""Storage URIs -> filesystems that pyarrow and Ray Data both accept.
+
+A URI is a local path, ``file://...``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``
+(the last where gcsfs is installed). Object stores go through fsspec (s3fs/gcsfs) wrapped
+in a pyarrow ``PyFileSystem`` so that one object serves ``pyarrow.parquet`` and
+``ray.data.read_parquet(filesystem=...)`` alike, and pickles into Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """Storage could not be reached, listed or read; the message names the URI."""
+
+
+@dataclass
+class StorageOptions:
+    """How to reach object storage. Credentials always come from the standard AWS
+    (or Google) environment variables and config files, never from here."""
+
+    # S3-compatible stores (MinIO, Ceph, moto). Falls back to $AWS_ENDPOINT_URL.
+    endpoint_url: str | None = None
+    anon: bool = False
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    path: str  # path inside the filesystem (no scheme)
+    size: int
+
+
+def scheme_of(uri: str) -> str:
+    parsed = urlparse(uri)
+    if len(parsed.scheme) <= 1:  # "" or a Windows drive letter
+        return "file"
+    return parsed.scheme
+
+
+def is_remote(uri: str) -> bool:
+    return scheme_of(uri) != "file"
+
+
+def _strip(uri: str) -> str:
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path))
+    return uri.split("://", 1)[1].rstrip("/")
+
+
+def _fsspec_filesystem(scheme: str, options: StorageOptions) -> Any:
+    if scheme in ("s3", "s3a"):
+        import s3fs
+
+        endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs: dict[str, Any] = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if options.region:
+            client_kwargs["region_name"] = options.region
+        # skip_instance_cache: a test or a job that changes the endpoint must not get a stale client.
+        return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs, skip_instance_cache=True)
+    if scheme in ("gs", "gcs"):
+        try:
+            import gcsfs
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise StorageError("gs:// URIs need the gcsfs package: pip install gcsfs") from exc
+        return gcsfs.GCSFileSystem(token="anon" if options.anon else None)
+    raise StorageError(f"unsupported storage scheme {scheme!r}; use a local path, file://, s3:// or gs://")
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path)`` for ``uri``."""
+    options = options or StorageOptions()
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), _strip(uri)
+    fs = _fsspec_filesystem(scheme, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), _strip(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    if scheme_of(uri) == "file":
+        return os.path.join(uri, *parts)
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def to_uri(uri_like: str, path: str) -> str:
+    """The URI of ``path`` (a filesystem path) in the same store as ``uri_like``."""
+    scheme = scheme_of(uri_like)
+    return path if scheme == "file" else f"{scheme}://{path}"
+
+
+def list_files(uri: str, suffix: str = ".parquet", options: StorageOptions | None = None) -> list[FileEntry]:
+    """Files under ``uri`` (or ``uri`` itself if it is a file) ending in ``suffix``, sorted by path."""
+    fs, path = resolve(uri, options)
+    try:
+        info = fs.get_file_info(path)
+    except Exception as exc:
+        raise StorageError(f"cannot reach {uri}: {exc}") from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"input {uri} does not exist")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except Exception as exc:
+            raise StorageError(f"cannot list {uri}: {exc}") from exc
+    entries = [
+        FileEntry(uri=to_uri(uri, i.path), path=i.path, size=int(i.size or 0))
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        and not posixpath.basename(i.path).startswith((".", "_"))
+    ]
+    return sorted(entries, key=lambda e: e.path)
+
+
+def makedirs(uri: str, options: StorageOptions | None = None) -> None:
+    fs, path = resolve(uri, options)
+    fs.create_dir(path, recursive=True)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = resolve(uri, options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    fs, path = resolve(uri, options)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = resolve(uri, options)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri} does not exist") from exc
+
+
+def write_json(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), options)
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    return json.loads(read_bytes(uri, options))
