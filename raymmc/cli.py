@@ -1,0 +1,93 @@
+"""The `raymmc` command line. It only parses arguments and composes the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from raymmc.config import ConfigError, load_config
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    p.add_argument("--input", help="archive URI: local dir, file://, s3://, gs:// (default: the demo data)")
+    p.add_argument("--output", help="where run directories are created (default: ./runs)")
+    p.add_argument("--run-name", help="run directory name (default: <algorithm>-<timestamp>)")
+    p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc")
+    p.add_argument("--clusters", type=int, help="number of clusters K")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set extract.image.model=resnet50 (repeatable)")
+
+
+def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, dest in (("input", "input"), ("output", "output"), ("run_name", "run_name"), ("seed", "seed")):
+        if getattr(args, dest, None) is not None:
+            values[key] = getattr(args, dest)
+    cluster = {}
+    if args.algorithm is not None:
+        cluster["algorithm"] = args.algorithm
+    if args.clusters is not None:
+        cluster["clusters"] = args.clusters
+    if cluster:
+        values["cluster"] = cluster
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raymmc.pipeline import run
+
+    cfg = load_config(args.config, args.overrides, _cli_values(args))
+    result = run(cfg)
+    print(f"\nrun directory: {result.run_uri}")
+    m = result.metrics
+    if "nmi" in m:
+        print("metrics: " + "  ".join(f"{k}={m[k]:.3f}" for k in ("acc", "nmi", "ari", "purity", "f_score")))
+    print("cluster sizes: " + json.dumps(m["cluster_sizes"]))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from raymmc import datasets
+
+    if args.action == "list":
+        print("\n".join(datasets.NAMES))
+        return 0
+    summary = datasets.build(args.name, args.out, limit=args.limit)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymmc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="cluster an archive (no --input: the demo data set)")
+    _add_run_args(p_run)
+    p_run.set_defaults(func=cmd_run)
+
+    p_ds = sub.add_parser("datasets", help="build demo archives from public data")
+    ds_sub = p_ds.add_subparsers(dest="action", required=True)
+    ds_sub.add_parser("list", help="the data sets that can be built")
+    p_build = ds_sub.add_parser("build", help="write NAME as Parquet shards to OUT")
+    p_build.add_argument("name")
+    p_build.add_argument("out")
+    p_build.add_argument("--limit", type=int, help="keep at most this many items")
+    p_ds.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"raymmc: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One typed configuration for a run: dataclasses, loadable from YAML, overridable as ``a.b=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raymmc.cluster.kmeans import KMeansConfig
+from raymmc.features.decode import DecodeConfig
+from raymmc.features.text import TextEncoderConfig
+from raymmc.io.storage import StorageOptions
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class ImageEncoderConfig:
+    model: str = "mobilenet_v2"  # mobilenet_v2 | resnet50 | resnet18 | none
+    # "auto": torchvision's cache, then the offline package (MobileNetV2), then download.
+    # Or a local path / s3:// URI of a state dict; "random" for untrained weights (smoke tests only).
+    weights: str = "auto"
+    batch_size: int = 32
+    half_precision: bool = True  # on GPU only
+
+
+@dataclass
+class ExtractConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # Encoder actor pool: autoscales between min and max actors; one GPU each where GPUs exist.
+    min_actors: int = 1
+    max_actors: int = 2
+    gpus_per_actor: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    decode_batch_size: int = 64
+    # Feature cache URI (features per input file, reused across runs); None = <output>/features-cache.
+    cache: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    algorithm: str = "kmeans"
+    clusters: int = 11
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    # Per-algorithm settings (dec, jecl, dm2c, mmdc), passed to their config dataclasses.
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start (or join via RAY_ADDRESS) a local cluster
+    num_cpus: int | None = None  # for a local cluster
+
+
+@dataclass
+class RunConfig:
+    input: str | None = None  # None: build and use the demo data set
+    output: str = "runs"  # a run directory is created under this URI
+    run_name: str | None = None  # default: <dataset>-<algorithm>-<timestamp>
+    demo_dataset: str = "tuxpaint"
+    seed: int = 0
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    report: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        return tuple(value)
+    if tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in sorted(unknown))}; "
+                          f"valid: {', '.join(prefix + n for n in sorted(names))}")
+    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"cluster.kmeans.nredo=10"`` -> ``{"cluster": {"kmeans": {"nredo": 10}}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw != "" else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- ``values`` (from CLI flags) <- ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = _merge(data, values or {})
+    for item in overrides or []:
+        data = _merge(data, parse_override(item))
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.cluster.clusters < 2:
+        raise ConfigError("cluster.clusters must be at least 2")
+    if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:
+        raise ConfigError("extract: need 1 <= min_actors <= max_actors")

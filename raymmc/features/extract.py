@@ -1,0 +1,367 @@
+"""The Ray Data feature-extraction job.
+
+shards -> read (a task per file, streaming row groups, with file/row provenance)
+       -> decode + clean (CPU tasks) -> image-encoder actors (GPU where there is one)
+       -> text-encoder actors -> feature Parquet.
+
+Every input row comes out exactly once, with ``has_image`` / ``has_text`` flags and a note
+saying why a modality was dropped; deciding what is rejected happens downstream.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymmc.features.decode import DecodeConfig, clean_caption, decode_image
+from raymmc.features.image import ImageEncoder, image_dim
+from raymmc.features.text import TextEncoderConfig, make_text_encoder
+from raymmc.io.shards import Shard, conform
+from raymmc.io.storage import StorageOptions, resolve
+
+FEATURE_COLUMNS = ("id", "source", "row", "label", "caption", "has_image", "has_text", "image_note",
+                   "caption_note", "image_feat", "text_feat")
+
+
+@dataclass
+class ExtractStats:
+    rows: int = 0
+    with_image: int = 0
+    with_text: int = 0
+    image_dropped: int = 0
+    caption_dropped: int = 0
+    seconds: float = 0.0
+    files_cached: int = 0
+    files_extracted: int = 0
+    cache: str = ""
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+    image_encoder: dict[str, Any] = field(default_factory=dict)
+
+
+# --- stage functions (plain, unit-testable) -----------------------------------------------------
+
+def read_shard_batches(shard_rows: dict[str, np.ndarray], storage: StorageOptions,
+                       rows_per_batch: int) -> Iterator[pa.Table]:
+    """Yield a shard's rows in Arrow batches, with the file URI and row number of each."""
+    for uri, path in zip(shard_rows["uri"], shard_rows["path"]):
+        fs, _ = resolve(str(uri), storage)
+        pf = pq.ParquetFile(str(path), filesystem=fs)
+        present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+        offset = 0
+        for rb in pf.iter_batches(batch_size=rows_per_batch, columns=present):
+            t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
+            n = t.num_rows
+            t = t.append_column("source", pa.array([str(uri)] * n, pa.string()))
+            t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
+            offset += n
+            yield t
+
+
+def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> dict[str, np.ndarray]:
+    """Decode images to uint8 HxWx3 and clean captions; note why anything was dropped."""
+    n = batch.num_rows
+    size = cfg.image_size
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    has_image = np.zeros(n, dtype=bool)
+    image_note = np.full(n, "", dtype=object)
+    captions = np.full(n, "", dtype=object)
+    has_text = np.zeros(n, dtype=bool)
+    caption_note = np.full(n, "", dtype=object)
+    for i, data in enumerate(batch.column("image").to_pylist()):
+        arr, reason = decode_image(data, cfg)
+        if arr is not None:
+            pixels[i], has_image[i] = arr, True
+        elif reason:
+            image_note[i] = reason
+    for i, raw in enumerate(batch.column("caption").to_pylist()):
+        text, reason = clean_caption(raw, cfg)
+        if text is not None:
+            captions[i], has_text[i] = text, True
+        elif reason:
+            caption_note[i] = reason
+    return {
+        "id": np.array(batch.column("id").to_pylist(), dtype=object),
+        "source": np.array(batch.column("source").to_pylist(), dtype=object),
+        "row": batch.column("row").to_numpy(),
+        "label": np.array(batch.column("label").to_pylist(), dtype=object),
+        "caption": captions, "has_text": has_text, "caption_note": caption_note,
+        "pixels": pixels, "has_image": has_image, "image_note": image_note,
+    }
+
+
+class ImageEmbedder:
+    """Ray Data actor: holds one CNN, encodes the rows that have an image."""
+
+    def __init__(self, model: str, weights: str, half: bool, device: str = "auto"):
+        self.encoder = ImageEncoder(model, weights, device=device, half=half)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        mask = batch["has_image"].astype(bool)
+        feats = np.zeros((len(mask), self.encoder.dim), dtype=np.float32)
+        if mask.any():
+            feats[mask] = self.encoder(pixels[mask])
+        batch["image_feat"] = feats
+        return batch
+
+
+class TextEmbedder:
+    """Ray Data actor: encodes captions with an encoder fitted on the driver (shipped via the object store)."""
+
+    def __init__(self, encoder_ref: Any):
+        import ray
+
+        self.encoder = ray.get(encoder_ref) if isinstance(encoder_ref, ray.ObjectRef) else encoder_ref
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = batch["has_text"].astype(bool)
+        feats = np.zeros((len(mask), self.encoder.dim), dtype=np.float32)
+        if mask.any():
+            feats[mask] = self.encoder.encode([str(c) for c in batch["caption"][mask]])
+        batch["text_feat"] = feats
+        return batch
+
+
+def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Feature batch -> Arrow with fixed-size-list vectors (readable by plain pyarrow, no Ray types)."""
+    cols: dict[str, pa.Array] = {}
+    for name in FEATURE_COLUMNS:
+        if name not in batch:
+            continue
+        value = batch[name]
+        if name.endswith("_feat"):
+            v = np.ascontiguousarray(value, dtype=np.float32)
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+        elif name in ("has_image", "has_text"):
+            cols[name] = pa.array(value.astype(bool))
+        elif name == "row":
+            cols[name] = pa.array(value.astype(np.int64))
+        else:
+            cols[name] = pa.array(list(value), pa.string())
+    return pa.table(cols)
+
+
+def feature_matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list feature column as an (n, d) float32 array."""
+    col = table.column(column).combine_chunks()
+    d = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+
+
+# --- the feature cache ---------------------------------------------------------------------------
+#
+# <cache>/<fingerprint>/<file key>/rows-<first>-<last>.parquet  (+ _DONE.json once complete)
+# fingerprint: the extractor's config (and, for text encoders fitted on the archive, the archive);
+# file key: the input file's URI, size and mtime. A finished file is never extracted again; a
+# partly written one (a killed run) is cleared and redone.
+
+FEATURE_FORMAT = 1  # bump when the feature table layout changes
+
+
+def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: frozenset[str]) -> str:
+    """Identity of everything that determines the features of one file."""
+    import dataclasses
+    import hashlib
+    import json
+
+    text = dataclasses.asdict(extract_cfg.text) if "text" in modalities else None
+    if text and extract_cfg.text.model in ("doc2vec", "tfidf"):
+        # Fitted on the whole archive: a grown archive gives every caption a new vector.
+        text["archive"] = sorted(s.key for s in shards)
+        text["seed"] = seed
+    ident = {
+        "format": FEATURE_FORMAT,
+        "image": dataclasses.asdict(extract_cfg.image) if "image" in modalities else None,
+        "decode": dataclasses.asdict(extract_cfg.decode),
+        "text": text,
+    }
+    ident["image"] and ident["image"].pop("batch_size")
+    text and text.pop("batch_size")
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_feature_batch(batch: pa.Table, root: str, keys: dict[str, str], storage: StorageOptions) -> pa.Table:
+    """Write a batch into the cache, one file per contiguous row range of each input file."""
+    from raymmc.io.storage import join, resolve as _resolve
+
+    written = {"key": [], "first": [], "last": []}
+    sources = batch.column("source").to_numpy(zero_copy_only=False)
+    rows = batch.column("row").to_numpy()
+    for src in np.unique(sources):
+        idx = np.flatnonzero(sources == src)
+        idx = idx[np.argsort(rows[idx])]
+        breaks = np.flatnonzero(np.diff(rows[idx]) != 1) + 1
+        for run in np.split(idx, breaks):
+            first, last = int(rows[run[0]]), int(rows[run[-1]])
+            uri = join(root, keys[src], f"rows-{first:012d}-{last:012d}.parquet")
+            fs, path = _resolve(uri, storage)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(batch.take(pa.array(run)), path, filesystem=fs)
+            written["key"].append(keys[src])
+            written["first"].append(first)
+            written["last"].append(last)
+    return pa.table({"key": pa.array(written["key"], pa.string()), "first": pa.array(written["first"], pa.int64()),
+                     "last": pa.array(written["last"], pa.int64())})
+
+
+def _complete(root: str, shard: Shard, storage: StorageOptions) -> bool:
+    """Whether the cache holds every row of ``shard`` (row ranges cover 0..rows-1 exactly)."""
+    from raymmc.io.storage import exists, join, list_files
+
+    key_dir = join(root, shard.key)
+    if exists(join(key_dir, "_DONE.json"), storage):
+        return True
+    if not exists(key_dir, storage):
+        return False
+    ranges = sorted(tuple(int(x) for x in f.path.rsplit("/", 1)[1][5:-8].split("-"))
+                    for f in list_files(key_dir, ".parquet", storage))
+    expected = 0
+    for first, last in ranges:
+        if first != expected:
+            return False
+        expected = last + 1
+    return expected == shard.rows
+
+
+def cached_files(root: str, shards: list[Shard], storage: StorageOptions | None) -> list[str]:
+    from raymmc.io.storage import join
+
+    return [join(root, s.key) for s in shards if s.rows > 0]
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+def fit_text_encoder(shards: list[Shard], cfg: TextEncoderConfig, decode: DecodeConfig, seed: int,
+                     storage: StorageOptions):
+    """Fit the text encoder on the archive's own captions (read column-only, on the driver)."""
+    if cfg.model == "none":
+        return None
+    from raymmc.io.shards import read_shard
+
+    encoder = make_text_encoder(cfg, seed)
+    if cfg.model == "minilm":
+        return encoder  # pretrained
+    texts: list[str] = []
+    for shard in shards:
+        if "caption" not in shard.columns:
+            continue
+        for raw in read_shard(shard, storage, ["caption"]).column("caption").to_pylist():
+            text, _ = clean_caption(raw, decode)
+            if text:
+                texts.append(text)
+    if len(texts) < 2:
+        return None
+    return encoder.fit(texts)
+
+
+def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, seed: int,
+                   storage: StorageOptions, has_gpu: bool,
+                   modalities: frozenset[str] = frozenset({"image", "text"}),
+                   log=print) -> tuple[list[str], ExtractStats]:
+    """Extract features of ``shards`` into the cache under ``cache_uri``, skipping files already
+    done. Returns the feature directories (one per non-empty input file) and the stats.
+    Encoders of modalities not in ``modalities`` are skipped."""
+    import json
+
+    import ray
+
+    from raymmc.io.storage import delete_dir, join, write_bytes
+
+    t0 = time.time()
+    stats = ExtractStats()
+    root = join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities))
+    todo = [s for s in shards if s.rows > 0 and not _complete(root, s, storage)]
+    stats.files_cached = sum(1 for s in shards if s.rows > 0) - len(todo)
+    stats.files_extracted = len(todo)
+    for s in todo:  # a killed run may have left part of a file: redo it whole
+        delete_dir(join(root, s.key), storage)
+
+    img_cfg = extract_cfg.image
+    use_image = img_cfg.model != "none" and "image" in modalities
+    text_encoder = None
+    if "text" in modalities and todo:
+        text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage)
+    if text_encoder is not None:
+        # Saved beside the features: `raymmc assign` encodes new captions with the same encoder.
+        import pickle
+
+        write_bytes(join(root, "text_encoder.pkl"), pickle.dumps(text_encoder), storage)
+
+    if todo:
+        gpus = extract_cfg.gpus_per_actor if extract_cfg.gpus_per_actor is not None else (1 if has_gpu else 0)
+        pool = ray.data.ActorPoolStrategy(min_size=extract_cfg.min_actors, max_size=extract_cfg.max_actors)
+        items = [{"uri": s.uri, "path": s.path} for s in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(read_shard_batches, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"storage": storage, "rows_per_batch": extract_cfg.decode_batch_size})
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=extract_cfg.decode_batch_size,
+                            fn_kwargs={"cfg": extract_cfg.decode})
+        if use_image:
+            ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
+                                fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,
+                                                       "half": img_cfg.half_precision})
+        else:
+            ds = ds.map_batches(_drop_pixels, batch_format="numpy")
+        if text_encoder is not None:
+            ds = ds.map_batches(TextEmbedder, batch_size=extract_cfg.text.batch_size, compute=pool,
+                                fn_constructor_kwargs={"encoder_ref": ray.put(text_encoder)})
+        ds = ds.map_batches(to_arrow, batch_format="numpy")
+        ds = ds.map_batches(write_feature_batch, batch_format="pyarrow",
+                            fn_kwargs={"root": root, "keys": {s.uri: s.key for s in todo}, "storage": storage})
+        ds.materialize()
+        for s in todo:
+            if not _complete(root, s, storage):
+                raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
+    for s in shards:
+        if s.rows > 0 and s in todo:
+            write_bytes(join(root, s.key, "_DONE.json"),
+                        json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
+
+    dirs = cached_files(root, shards, storage)
+    table = load_features(dirs, storage, columns=["has_image", "has_text", "image_note", "caption_note",
+                                                  "image_feat", "text_feat"])
+    if "image_feat" in table.column_names:
+        stats.image_encoder = {"model": img_cfg.model, "weights": img_cfg.weights,
+                               "dim": table.schema.field("image_feat").type.list_size}
+    if "text_feat" in table.column_names:
+        stats.text_encoder = {"model": extract_cfg.text.model,
+                              "dim": table.schema.field("text_feat").type.list_size}
+    stats.rows = table.num_rows
+    stats.with_image = int(np.sum(table.column("has_image").to_numpy(zero_copy_only=False)))
+    stats.with_text = int(np.sum(table.column("has_text").to_numpy(zero_copy_only=False)))
+    stats.image_dropped = sum(1 for v in table.column("image_note").to_pylist() if v)
+    stats.caption_dropped = sum(1 for v in table.column("caption_note").to_pylist() if v)
+    stats.seconds = time.time() - t0
+    stats.cache = root
+    log(f"extract: {stats.rows} rows from {len(dirs)} file(s) ({stats.files_cached} cached, "
+        f"{stats.files_extracted} extracted) in {stats.seconds:.1f}s; "
+        f"{stats.image_dropped} image(s) and {stats.caption_dropped} caption(s) unusable")
+    return dirs, stats
+
+
+def _drop_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch.pop("pixels", None)
+    return batch
+
+
+def load_features(dirs: list[str], storage: StorageOptions | None = None,
+                  columns: list[str] | None = None) -> pa.Table:
+    """The feature Parquet of ``dirs`` as one table, ordered by (source, row)."""
+    from raymmc.io.storage import list_files
+
+    tables = []
+    for d in dirs:
+        fs, _ = resolve(d, storage)
+        for f in list_files(d, ".parquet", storage):
+            names = pq.read_schema(f.path, filesystem=fs).names
+            cols = None if columns is None else [c for c in dict.fromkeys(["source", "row", *columns]) if c in names]
+            tables.append(pq.read_table(f.path, filesystem=fs, columns=cols))
+    if not tables:
+        raise ValueError("no features to load")
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("source", "ascending"), ("row", "ascending")])

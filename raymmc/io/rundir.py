@@ -1,0 +1,105 @@
+"""The run directory, local or in an object store:
+
+    manifest.json      config, versions, seed, inputs (with sizes), counts, time per stage
+    features.json      where the features of this run are (the per-file feature cache)
+    assignments/       id, cluster, confidence, has_image, has_text, note (Parquet)
+    rejects/           id, reason, source, row (Parquet)
+    metrics.json       cluster sizes; acc, nmi, ari, purity, f_score when labels exist
+    model/             the fitted clustering state (for `raymmc assign`)
+    report/            the HTML cluster report
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymmc.io import storage
+from raymmc.io.storage import StorageOptions
+
+PACKAGES = ("raymmc", "ray", "torch", "torchvision", "faiss-cpu", "faiss-gpu", "gensim", "numpy", "pyarrow",
+            "scikit-learn", "scipy", "sentence-transformers", "s3fs", "pillow")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class RunDir:
+    def __init__(self, uri: str, options: StorageOptions | None = None):
+        self.uri = uri
+        self.options = options
+        self.stage_seconds: dict[str, float] = {}
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    def create(self) -> "RunDir":
+        storage.makedirs(self.uri, self.options)
+        return self
+
+    def write_table(self, name: str, table: pa.Table, part: str = "part-00000.parquet") -> str:
+        """Write ``table`` as ``<run>/<name>/<part>``."""
+        uri = self.path(name, part)
+        fs, path = storage.resolve(uri, self.options)
+        fs.create_dir(storage.resolve(self.path(name), self.options)[1], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+        return uri
+
+    def read_table(self, name: str) -> pa.Table:
+        fs, _ = storage.resolve(self.uri, self.options)
+        files = storage.list_files(self.path(name), ".parquet", self.options)
+        return pa.concat_tables([pq.read_table(f.path, filesystem=fs) for f in files])
+
+    def write_json(self, name: str, obj: Any) -> str:
+        uri = self.path(name)
+        storage.write_json(uri, obj, self.options)
+        return uri
+
+    def read_json(self, name: str) -> Any:
+        return storage.read_json(self.path(name), self.options)
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        uri = self.path(name)
+        storage.write_bytes(uri, data, self.options)
+        return uri
+
+    def read_bytes(self, name: str) -> bytes:
+        return storage.read_bytes(self.path(name), self.options)
+
+    def exists(self, name: str) -> bool:
+        return storage.exists(self.path(name), self.options)
+
+
+class StageTimer:
+    """``with timer("extract"): ...`` records wall seconds per stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: StageTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.seconds[self.name] = round(self.timer.seconds.get(self.name, 0.0)
+                                              + time.perf_counter() - self.t0, 3)

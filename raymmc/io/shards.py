@@ -1,0 +1,119 @@
+"""The shard contract: Parquet files with ``id`` (string, unique), ``image`` (binary, nullable),
+``caption`` (string, nullable) and optional ``label`` (string). This module finds an archive's
+files and checks each one's schema before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymmc.io.storage import StorageError, StorageOptions, list_files, resolve
+
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.binary()),
+    pa.field("caption", pa.string()),
+    pa.field("label", pa.string()),
+])
+REQUIRED = ("id",)
+CONTENT = ("image", "caption")  # at least one must be present
+OPTIONAL = ("label",)
+
+_ACCEPTED = {
+    "id": (pa.types.is_string, pa.types.is_large_string),
+    "image": (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_null),
+    "caption": (pa.types.is_string, pa.types.is_large_string, pa.types.is_null),
+    "label": (pa.types.is_string, pa.types.is_large_string, pa.types.is_null, pa.types.is_integer),
+}
+_EXPECTED = {"id": "string", "image": "binary", "caption": "string", "label": "string or integer"}
+
+
+class ShardError(ValueError):
+    """An input file breaks the shard contract; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    uri: str
+    path: str
+    size: int
+    rows: int
+    columns: tuple[str, ...]  # contract columns present in this file
+    mtime_ns: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity of this file's content for caches: URI, size and modification time."""
+        import hashlib
+
+        return hashlib.sha1(f"{self.uri}|{self.size}|{self.mtime_ns}".encode()).hexdigest()[:20]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_schema(schema: pa.Schema, where: str) -> tuple[str, ...]:
+    """Raise :class:`ShardError` unless ``schema`` meets the contract; return the contract columns present."""
+    names = set(schema.names)
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise ShardError(f"{where}: missing required column(s) {missing}; found {sorted(names)}")
+    if not any(c in names for c in CONTENT):
+        raise ShardError(f"{where}: needs an 'image' or a 'caption' column; found {sorted(names)}")
+    present = []
+    for col, checks in _ACCEPTED.items():
+        if col not in names:
+            continue
+        tp = schema.field(col).type
+        if not any(check(tp) for check in checks):
+            raise ShardError(f"{where}: column {col!r} has type {tp}, expected {_EXPECTED[col]}")
+        present.append(col)
+    return tuple(present)
+
+
+def discover(uri: str, options: StorageOptions | None = None) -> list[Shard]:
+    """The Parquet files of an archive, each checked against the contract.
+
+    Raises StorageError (missing/unreadable input) or ShardError (no files, bad schema,
+    consistent columns, or no rows in any file).
+    """
+    entries = list_files(uri, ".parquet", options)
+    if not entries:
+        raise ShardError(f"{uri}: no .parquet files found")
+    fs, _ = resolve(uri, options)
+    shards = []
+    for e in entries:
+        try:
+            meta = pq.read_metadata(e.path, filesystem=fs)
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ShardError(f"{e.uri}: not a readable Parquet file ({exc})") from exc
+        shards.append(Shard(e.uri, e.path, e.size, meta.num_rows, check_schema(schema, e.uri), e.mtime_ns))
+    if sum(s.rows for s in shards) == 0:
+        raise ShardError(f"{uri}: all {len(shards)} Parquet file(s) are empty (0 rows)")
+    return shards
+
+
+def read_shard(shard: Shard, options: StorageOptions | None = None, columns: list[str] | None = None) -> pa.Table:
+    """One shard as an Arrow table with every contract column (absent ones filled with nulls)."""
+    fs, _ = resolve(shard.uri, options)
+    want = [c for c in (columns or SCHEMA.names) if c in shard.columns]
+    try:
+        table = pq.read_table(shard.path, filesystem=fs, columns=want)
+    except OSError as exc:
+        raise StorageError(f"cannot read {shard.uri}: {exc}") from exc
+    return conform(table, columns or SCHEMA.names)
+
+
+def conform(table: pa.Table, columns: list[str]) -> pa.Table:
+    """Cast to the contract types and add missing columns as nulls."""
+    arrays = []
+    for name in columns:
+        tp = SCHEMA.field(name).type
+        if name in table.column_names:
+            arrays.append(table.column(name).cast(tp))
+        else:
+            arrays.append(pa.nulls(table.num_rows, tp))
+    return pa.table(arrays, names=list(columns))

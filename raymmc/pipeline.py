@@ -1,0 +1,173 @@
+"""`raymmc run`: shards -> features -> clusters -> run directory. Composition only: each stage
+lives in its own module."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from raymmc.accounting import account, item_notes
+from raymmc.cluster.base import MultiViewData
+from raymmc.config import ConfigError, RunConfig
+from raymmc.features.extract import feature_matrix, load_features, run_extraction
+from raymmc.io import storage
+from raymmc.io.rundir import RunDir, StageTimer, package_versions
+from raymmc.io.shards import discover
+from raymmc.report.metrics import cluster_sizes, evaluate
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    metrics: dict
+    manifest: dict
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def demo_input(cfg: RunConfig, log: Callable[[str], None]) -> str:
+    """Build the demo data set once into the cache and return its URI."""
+    from raymmc import datasets
+
+    out = os.path.join(datasets.default_cache_dir(), "shards", cfg.demo_dataset)
+    if not os.path.exists(os.path.join(out, "_SUCCESS")):
+        log(f"building demo data set {cfg.demo_dataset!r} into {out}")
+        datasets.build(cfg.demo_dataset, out)
+        open(os.path.join(out, "_SUCCESS"), "w").close()
+    return out
+
+
+def to_multiview(table: pa.Table) -> MultiViewData:
+    names = table.column_names
+    # A modality without an encoder has no features, whatever the item carried.
+    has_image = table.column("has_image").to_numpy(zero_copy_only=False) & ("image_feat" in names)
+    has_text = table.column("has_text").to_numpy(zero_copy_only=False) & ("text_feat" in names)
+    return MultiViewData(
+        image=feature_matrix(table, "image_feat") if "image_feat" in names else None,
+        text=feature_matrix(table, "text_feat") if "text_feat" in names else None,
+        has_image=has_image, has_text=has_text,
+        ids=np.array(table.column("id").to_pylist(), dtype=object),
+    )
+
+
+# What each algorithm clusters on; k-means and DEC follow their configured view.
+ALGORITHM_MODALITIES = {"mmdc": {"image"}, "jecl": {"image", "text"}, "dm2c": {"image", "text"}}
+VIEW_MODALITIES = {"concat": {"image", "text"}, "image": {"image"}, "text": {"text"}}
+
+
+def used_modalities(cfg: RunConfig) -> frozenset[str]:
+    algo = cfg.cluster.algorithm
+    if algo in ALGORITHM_MODALITIES:
+        wanted = ALGORITHM_MODALITIES[algo]
+    else:
+        view = cfg.cluster.kmeans.view if algo == "kmeans" else cfg.cluster.params.get(algo, {}).get("view", "concat")
+        wanted = VIEW_MODALITIES[view]
+    available = {m for m, model in (("image", cfg.extract.image.model), ("text", cfg.extract.text.model))
+                 if model != "none"}
+    used = frozenset(wanted & available)
+    if not used:
+        raise ConfigError(f"algorithm {algo!r} uses {sorted(wanted)} but only {sorted(available) or 'no'} "
+                          "encoder(s) are configured")
+    return used
+
+
+def make_model(cfg: RunConfig):
+    from raymmc.cluster.registry import make_clusterer
+
+    c = cfg.cluster
+    params = c.kmeans if c.algorithm == "kmeans" else c.params.get(c.algorithm)
+    return make_clusterer(c.algorithm, c.clusters, params, seed=cfg.seed)
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    from raymmc.raysession import has_gpu, init_ray
+
+    seed_everything(cfg.seed)
+    modalities = used_modalities(cfg)
+    timer = StageTimer()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    input_uri = cfg.input or demo_input(cfg, log)
+    name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
+    rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
+
+    with timer("discover"):
+        shards = discover(input_uri, cfg.storage)
+    log(f"input {input_uri}: {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
+    with timer("ray_init"):
+        resources = init_ray(cfg.ray)
+    with timer("extract"):
+        feature_dirs, stats = run_extraction(shards, cfg.extract.cache or storage.join(cfg.output, "features-cache"),
+                                             extract_cfg=cfg.extract, seed=cfg.seed, storage=cfg.storage,
+                                             has_gpu=has_gpu(), modalities=modalities, log=log)
+    rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
+
+    with timer("account"):
+        table = load_features(feature_dirs, cfg.storage)
+        acc = account(table, modalities)
+        rundir.write_table("rejects", acc.rejects)
+    usable = acc.usable
+    if usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
+        raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable.num_rows} usable + "
+                           f"{acc.rejects.num_rows} rejected")
+    if usable.num_rows < cfg.cluster.clusters:
+        raise ValueError(f"only {usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
+                         f"see {rundir.path('rejects')}")
+    log(f"account: {usable.num_rows} usable, {acc.rejects.num_rows} rejected "
+        f"({acc.duplicates} duplicate id(s), {acc.missing_id} without id)")
+
+    with timer("cluster"):
+        data = to_multiview(usable)
+        model = make_model(cfg).fit(data)
+        soft = model.soft_assign(data)
+        labels = soft.argmax(axis=1)
+    assignments = pa.table({
+        "id": usable.column("id"),
+        "cluster": pa.array(labels.astype(np.int64)),
+        "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
+        "has_image": usable.column("has_image"),
+        "has_text": usable.column("has_text"),
+        "note": pa.array(item_notes(usable), pa.string()),
+    })
+    rundir.write_table("assignments", assignments)
+
+    metrics: dict = {"n_assigned": int(usable.num_rows), "cluster_sizes": cluster_sizes(labels)}
+    truth = usable.column("label").to_pylist()
+    labeled = np.array([t is not None for t in truth])
+    if labeled.any():
+        metrics.update(evaluate(np.array(truth, dtype=object)[labeled], labels[labeled]))
+        metrics["n_labeled"] = int(labeled.sum())
+    rundir.write_json("metrics.json", metrics)
+
+    manifest = {
+        "raymmc_run": name,
+        "started_utc": started.isoformat(),
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "ray_resources": resources,
+        "inputs": {"uri": input_uri, "files": [s.to_dict() for s in shards]},
+        "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
+        "features": {"cache": stats.cache, "files_cached": stats.files_cached,
+                     "files_extracted": stats.files_extracted},
+        "counts": {
+            "read": stats.rows, "assigned": int(usable.num_rows), "rejected": int(acc.rejects.num_rows),
+            "duplicates": acc.duplicates, "missing_id": acc.missing_id, "with_image": stats.with_image,
+            "with_text": stats.with_text, "image_dropped": stats.image_dropped,
+            "caption_dropped": stats.caption_dropped, "empty_files": sum(1 for s in shards if s.rows == 0),
+        },
+        "stage_seconds": timer.seconds,
+    }
+    rundir.write_json("manifest.json", manifest)
+    return RunResult(rundir.uri, metrics, manifest)

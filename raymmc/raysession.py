@@ -1,0 +1,34 @@
+"""Start or join a Ray cluster, the same way for the CLI, jobs and tests."""
+
+from __future__ import annotations
+
+import os
+
+from raymmc.config import RayConfig
+
+# gensim seeds Doc2Vec inference with hash(): a fixed hash seed in every worker makes it reproducible.
+RUNTIME_ENV = {"env_vars": {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def init_ray(cfg: RayConfig | None = None) -> dict:
+    """Join ``cfg.address`` / $RAY_ADDRESS, or start a local cluster on 127.0.0.1. Returns its resources."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        # Local clusters need no token auth; a cluster the user runs keeps its own setting.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True, runtime_env=RUNTIME_ENV)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     configure_logging=False, runtime_env=RUNTIME_ENV)
+        ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("RAYMMC_PROGRESS", "1") != "0")
+    return ray.cluster_resources()
+
+
+def has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

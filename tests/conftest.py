@@ -1,0 +1,119 @@
+"""Shared fixtures: one local Ray session and one S3-compatible server (moto) per test run,
+and a small real archive (tuxpaint) with every kind of bad input mixed in."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYMMC_PROGRESS", "0")
+# Ray workers inherit the environment of the cluster's start: the S3 test server's (dummy)
+# credentials must be in place before the session's Ray cluster starts.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local 2-CPU Ray cluster on 127.0.0.1 shared by the whole test run."""
+    import ray
+
+    from raymmc.config import RayConfig
+    from raymmc.raysession import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1, as s3fs's own tests use."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """A fresh, empty bucket; returns (endpoint, bucket name)."""
+    import uuid
+
+    import boto3
+
+    name = f"raymmc-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return s3_server, name
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Downloaded data sources (Debian packages, wheels) cached once per test run, or in
+    $RAYMMC_TEST_CACHE when set, so repeated local runs don't download again."""
+    return os.environ.get("RAYMMC_TEST_CACHE") or str(tmp_path_factory.mktemp("raymmc-cache"))
+
+
+@pytest.fixture(scope="session")
+def tux_items(cache_dir):
+    from raymmc import datasets
+
+    return datasets.collect("tuxpaint", cache_dir=cache_dir)
+
+
+def png_bytes(color=(200, 30, 30), size=(40, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def bad_archive(tmp_path_factory, tux_items):
+    """A small real archive (3 tuxpaint classes, 60 items) in three shards plus an empty shard,
+    with a corrupt image, a truncated image, a zero-byte image, a null caption, an empty caption,
+    a corrupt image whose caption is also empty, a duplicated id and a row without id."""
+    root = tmp_path_factory.mktemp("bad-archive")
+    labels = np.array(tux_items.labels)
+    keep = [i for c in ("animals", "food", "town") for i in np.flatnonzero(labels == c)[:20]]
+    ids = [tux_items.ids[i] for i in keep]
+    images = [tux_items.images[i] for i in keep]
+    captions = [tux_items.captions[i] for i in keep]
+    lab = [tux_items.labels[i] for i in keep]
+    good_png = images[0]
+    images[1] = b"this is not an image"  # corrupt; keeps its caption -> clustered on text
+    images[2] = good_png[: len(good_png) // 2]  # truncated; keeps its caption
+    images[3] = b""  # zero bytes; keeps its caption
+    captions[4] = None  # null caption; keeps its image
+    captions[5] = "   "  # empty caption; keeps its image
+    images[6], captions[6] = b"\x89PNG garbage", ""  # nothing usable -> rejected
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
+                        ("label", pa.string())])
+    table = pa.table({"id": ids, "image": images, "caption": captions, "label": lab}, schema=schema)
+    pq.write_table(table.slice(0, 30), root / "part-00000.parquet")
+    pq.write_table(table.slice(30), root / "part-00001.parquet")
+    extra = pa.table({"id": [ids[10], None], "image": [images[11], images[12]], "caption": ["dup", "no id"],
+                      "label": [lab[10], lab[12]]}, schema=schema)
+    pq.write_table(extra, root / "part-00002.parquet")
+    pq.write_table(table.slice(0, 0), root / "part-00003.parquet")  # an empty shard
+    return {"uri": str(root), "ids": ids, "n_rows": len(ids) + 2, "duplicate": ids[10],
+            "rejected_id": ids[6], "text_only": ids[1:4], "image_only": ids[4:6]}

@@ -1,0 +1,27 @@
+import pytest
+
+from raymmc.config import ConfigError, load_config
+
+
+def test_defaults_yaml_values_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\ncluster:\n  clusters: 7\n  kmeans: {nredo: 2}\nextract:\n  image: {model: resnet18}\n")
+    cfg = load_config(path, ["cluster.kmeans.view=text", "extract.decode.max_pixels=1000"],
+                      {"cluster": {"clusters": 9}})
+    assert cfg.seed == 3 and cfg.cluster.clusters == 9  # CLI values beat the file
+    assert cfg.cluster.kmeans.nredo == 2 and cfg.cluster.kmeans.view == "text"
+    assert cfg.extract.image.model == "resnet18" and cfg.extract.decode.max_pixels == 1000
+    assert cfg.extract.text.model == "minilm"  # untouched default
+    assert cfg.to_dict()["cluster"]["kmeans"]["nredo"] == 2
+
+
+@pytest.mark.parametrize("override,match", [
+    ("cluster.nope=1", "unknown config key.*cluster.nope"),
+    ("cluster.clusters=many", "cluster.clusters: expected int"),
+    ("cluster.kmeans.view=pixels", "not one of"),
+    ("cluster.clusters=1", "at least 2"),
+    ("seed", "must look like key.sub=value"),
+])
+def test_bad_config_is_a_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[override])
