@@ -50,13 +50,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from raymmc.features.extract import run_extraction
+    from raymmc.io.shards import discover
+    from raymmc.pipeline import used_modalities
+    from raymmc.raysession import has_gpu, init_ray
+
+    cfg = load_config(args.config, args.overrides, _cli_values(args))
+    if not cfg.input:
+        raise ConfigError("raymmc extract needs --input")
+    shards = discover(cfg.input, cfg.storage)
+    init_ray(cfg.ray)
+    dirs, stats = run_extraction(shards, cfg.extract.cache or cfg.output, extract_cfg=cfg.extract, seed=cfg.seed,
+                                 storage=cfg.storage, has_gpu=has_gpu(), modalities=used_modalities(cfg))
+    print(f"features of {len(dirs)} file(s) under {stats.cache}")
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from raymmc.io.storage import StorageOptions
+    from raymmc.pipeline import assign
+
+    opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    result = assign(args.model, args.input, args.output, run_name=args.run_name, storage_options=opts)
+    print(f"\nassignments: {result.run_uri}")
+    print("cluster sizes: " + json.dumps(result.metrics["cluster_sizes"]))
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from raymmc import datasets
 
     if args.action == "list":
         print("\n".join(datasets.NAMES))
         return 0
-    summary = datasets.build(args.name, args.out, limit=args.limit)
+    from raymmc.io.storage import StorageOptions
+
+    try:
+        summary = datasets.build(args.name, args.out, limit=args.limit, cache_dir=args.cache,
+                                 rows_per_shard=args.rows_per_shard,
+                                 storage_options=StorageOptions(endpoint_url=args.endpoint_url))
+    except datasets.DatasetError as exc:
+        print(f"raymmc: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -69,13 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p_run)
     p_run.set_defaults(func=cmd_run)
 
+    p_ex = sub.add_parser("extract", help="extract features only (into --output, the feature cache)")
+    _add_run_args(p_ex)
+    p_ex.set_defaults(func=cmd_extract)
+
+    p_as = sub.add_parser("assign", help="assign new items to an existing run's clusters, without retraining")
+    p_as.add_argument("--model", required=True, help="run directory of a finished `raymmc run`")
+    p_as.add_argument("--input", required=True, help="archive URI of the new items")
+    p_as.add_argument("--output", required=True, help="where the assignment run directory is created")
+    p_as.add_argument("--run-name")
+    p_as.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p_as.set_defaults(func=cmd_assign)
+
     p_ds = sub.add_parser("datasets", help="build demo archives from public data")
     ds_sub = p_ds.add_subparsers(dest="action", required=True)
     ds_sub.add_parser("list", help="the data sets that can be built")
     p_build = ds_sub.add_parser("build", help="write NAME as Parquet shards to OUT")
     p_build.add_argument("name")
     p_build.add_argument("out")
-    p_build.add_argument("--limit", type=int, help="keep at most this many items")
+    p_build.add_argument("--limit", type=int, help="keep at most this many items (class-proportional)")
+    p_build.add_argument("--rows-per-shard", type=int)
+    p_build.add_argument("--cache", help="download cache (default $RAYMMC_CACHE or ~/.cache/raymmc)")
+    p_build.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// outputs")
     p_ds.set_defaults(func=cmd_datasets)
     return parser
 

@@ -19,6 +19,7 @@ from raymmc.features.extract import feature_matrix, load_features, run_extractio
 from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, package_versions
 from raymmc.io.shards import discover
+from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import cluster_sizes, evaluate
 
 
@@ -91,57 +92,60 @@ def make_model(cfg: RunConfig):
     return make_clusterer(c.algorithm, c.clusters, params, seed=cfg.seed)
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+@dataclass
+class Prepared:
+    """Features of one input, accounted for: what the clustering stage needs."""
+
+    input_uri: str
+    shards: list
+    stats: object  # ExtractStats
+    usable: pa.Table
+    rejects: pa.Table
+    duplicates: int
+    missing_id: int
+    resources: dict
+
+
+def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
+            text_encoder=None, text_identity: str | None = None) -> Prepared:
+    """discover -> extract (cached) -> account; writes rejects/ and features.json into ``rundir``."""
     from raymmc.raysession import has_gpu, init_ray
 
-    seed_everything(cfg.seed)
     modalities = used_modalities(cfg)
-    timer = StageTimer()
-    started = _dt.datetime.now(_dt.timezone.utc)
-    input_uri = cfg.input or demo_input(cfg, log)
-    name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
-    rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
-
     with timer("discover"):
         shards = discover(input_uri, cfg.storage)
     log(f"input {input_uri}: {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
     with timer("ray_init"):
         resources = init_ray(cfg.ray)
     with timer("extract"):
-        feature_dirs, stats = run_extraction(shards, cfg.extract.cache or storage.join(cfg.output, "features-cache"),
-                                             extract_cfg=cfg.extract, seed=cfg.seed, storage=cfg.storage,
-                                             has_gpu=has_gpu(), modalities=modalities, log=log)
+        feature_dirs, stats = run_extraction(
+            shards, cfg.extract.cache or storage.join(cfg.output, "features-cache"), extract_cfg=cfg.extract,
+            seed=cfg.seed, storage=cfg.storage, has_gpu=has_gpu(), modalities=modalities, log=log,
+            text_encoder=text_encoder, text_identity=text_identity)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
-
     with timer("account"):
-        table = load_features(feature_dirs, cfg.storage)
-        acc = account(table, modalities)
+        acc = account(load_features(feature_dirs, cfg.storage), modalities)
         rundir.write_table("rejects", acc.rejects)
-    usable = acc.usable
-    if usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
-        raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable.num_rows} usable + "
+    if acc.usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
+        raise RuntimeError(f"accounting error: {stats.rows} rows read, {acc.usable.num_rows} usable + "
                            f"{acc.rejects.num_rows} rejected")
-    if usable.num_rows < cfg.cluster.clusters:
-        raise ValueError(f"only {usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
-                         f"see {rundir.path('rejects')}")
-    log(f"account: {usable.num_rows} usable, {acc.rejects.num_rows} rejected "
+    log(f"account: {acc.usable.num_rows} usable, {acc.rejects.num_rows} rejected "
         f"({acc.duplicates} duplicate id(s), {acc.missing_id} without id)")
+    return Prepared(input_uri, shards, stats, acc.usable, acc.rejects, acc.duplicates, acc.missing_id, resources)
 
-    with timer("cluster"):
-        data = to_multiview(usable)
-        model = make_model(cfg).fit(data)
-        soft = model.soft_assign(data)
-        labels = soft.argmax(axis=1)
-    assignments = pa.table({
+
+def write_results(rundir: RunDir, prep: Prepared, soft: np.ndarray) -> dict:
+    """assignments/ and metrics.json from the soft assignments of the usable rows."""
+    usable = prep.usable
+    labels = soft.argmax(axis=1)
+    rundir.write_table("assignments", pa.table({
         "id": usable.column("id"),
         "cluster": pa.array(labels.astype(np.int64)),
         "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
         "has_image": usable.column("has_image"),
         "has_text": usable.column("has_text"),
         "note": pa.array(item_notes(usable), pa.string()),
-    })
-    rundir.write_table("assignments", assignments)
-
+    }))
     metrics: dict = {"n_assigned": int(usable.num_rows), "cluster_sizes": cluster_sizes(labels)}
     truth = usable.column("label").to_pylist()
     labeled = np.array([t is not None for t in truth])
@@ -149,25 +153,112 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         metrics.update(evaluate(np.array(truth, dtype=object)[labeled], labels[labeled]))
         metrics["n_labeled"] = int(labeled.sum())
     rundir.write_json("metrics.json", metrics)
+    return metrics
 
+
+def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
+                   **extra: object) -> dict:
+    stats = prep.stats
     manifest = {
-        "raymmc_run": name,
+        "raymmc_run": rundir.uri,
         "started_utc": started.isoformat(),
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "versions": package_versions(),
-        "ray_resources": resources,
-        "inputs": {"uri": input_uri, "files": [s.to_dict() for s in shards]},
+        "ray_resources": prep.resources,
+        "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
                      "files_extracted": stats.files_extracted},
         "counts": {
-            "read": stats.rows, "assigned": int(usable.num_rows), "rejected": int(acc.rejects.num_rows),
-            "duplicates": acc.duplicates, "missing_id": acc.missing_id, "with_image": stats.with_image,
+            "read": stats.rows, "assigned": int(prep.usable.num_rows), "rejected": int(prep.rejects.num_rows),
+            "duplicates": prep.duplicates, "missing_id": prep.missing_id, "with_image": stats.with_image,
             "with_text": stats.with_text, "image_dropped": stats.image_dropped,
-            "caption_dropped": stats.caption_dropped, "empty_files": sum(1 for s in shards if s.rows == 0),
+            "caption_dropped": stats.caption_dropped, "empty_files": sum(1 for s in prep.shards if s.rows == 0),
         },
         "stage_seconds": timer.seconds,
+        **extra,
     }
     rundir.write_json("manifest.json", manifest)
+    return manifest
+
+
+def save_model(rundir: RunDir, model) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    rundir.write_bytes("model/state.pt", buf.getvalue())
+
+
+def load_model(rundir: RunDir, cfg: RunConfig):
+    import io
+
+    import torch
+
+    model = make_model(cfg)
+    # Our own file: it holds numpy arrays and config dicts besides tensors, so not weights_only.
+    model.load_state_dict(torch.load(io.BytesIO(rundir.read_bytes("model/state.pt")), weights_only=False))
+    return model
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+    """`raymmc run`: cluster an archive and write a run directory."""
+    seed_everything(cfg.seed)
+    used_modalities(cfg)  # config errors before any work
+    timer = StageTimer()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    input_uri = cfg.input or demo_input(cfg, log)
+    name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
+    rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
+
+    prep = prepare(cfg, input_uri, rundir, timer, log)
+    if prep.usable.num_rows < cfg.cluster.clusters:
+        raise ValueError(f"only {prep.usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
+                         f"see {rundir.path('rejects')}")
+    with timer("cluster"):
+        data = to_multiview(prep.usable)
+        model = make_model(cfg).fit(data)
+        soft = model.soft_assign(data)
+    save_model(rundir, model)
+    metrics = write_results(rundir, prep, soft)
+    manifest = write_manifest(rundir, cfg, prep, started, timer)
+    return RunResult(rundir.uri, metrics, manifest)
+
+
+def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,
+           storage_options: StorageOptions | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """`raymmc assign`: put new items into an existing run's clusters, without retraining.
+    Features come from the same encoders (the run's fitted text encoder included)."""
+    import dataclasses
+    import pickle
+
+    from raymmc.config import from_dict
+
+    source = RunDir(model_run, storage_options)
+    src_manifest = source.read_json("manifest.json")
+    cfg = from_dict(RunConfig, src_manifest["config"])
+    if storage_options is not None:
+        cfg = dataclasses.replace(cfg, storage=storage_options)
+    seed_everything(cfg.seed)
+    timer = StageTimer()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    name = run_name or f"assign-{started.strftime('%Y%m%d-%H%M%S')}"
+    rundir = RunDir(storage.join(output, name), cfg.storage).create()
+
+    cache = src_manifest["features"]["cache"]
+    text_encoder = None
+    if cfg.extract.text.model in ("doc2vec", "tfidf") and storage.exists(storage.join(cache, "text_encoder.pkl"),
+                                                                        cfg.storage):
+        text_encoder = pickle.loads(storage.read_bytes(storage.join(cache, "text_encoder.pkl"), cfg.storage))
+    cfg = dataclasses.replace(cfg, input=input_uri, output=output)
+    prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
+                   text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
+    with timer("assign"):
+        model = load_model(source, cfg)
+        soft = model.soft_assign(to_multiview(prep.usable)) if prep.usable.num_rows else np.zeros((0, 1))
+    metrics = write_results(rundir, prep, soft)
+    manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run)
     return RunResult(rundir.uri, metrics, manifest)

@@ -163,8 +163,10 @@ def feature_matrix(table: pa.Table, column: str) -> np.ndarray:
 FEATURE_FORMAT = 1  # bump when the feature table layout changes
 
 
-def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: frozenset[str]) -> str:
-    """Identity of everything that determines the features of one file."""
+def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: frozenset[str],
+                text_identity: str | None = None) -> str:
+    """Identity of everything that determines the features of one file. ``text_identity``
+    names a text encoder fitted elsewhere (``raymmc assign`` reuses a run's)."""
     import dataclasses
     import hashlib
     import json
@@ -172,7 +174,7 @@ def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: fr
     text = dataclasses.asdict(extract_cfg.text) if "text" in modalities else None
     if text and extract_cfg.text.model in ("doc2vec", "tfidf"):
         # Fitted on the whole archive: a grown archive gives every caption a new vector.
-        text["archive"] = sorted(s.key for s in shards)
+        text["archive"] = text_identity or sorted(s.key for s in shards)
         text["seed"] = seed
     ident = {
         "format": FEATURE_FORMAT,
@@ -262,10 +264,11 @@ def fit_text_encoder(shards: list[Shard], cfg: TextEncoderConfig, decode: Decode
 def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, seed: int,
                    storage: StorageOptions, has_gpu: bool,
                    modalities: frozenset[str] = frozenset({"image", "text"}),
-                   log=print) -> tuple[list[str], ExtractStats]:
+                   log=print, text_encoder=None, text_identity: str | None = None) -> tuple[list[str], ExtractStats]:
     """Extract features of ``shards`` into the cache under ``cache_uri``, skipping files already
     done. Returns the feature directories (one per non-empty input file) and the stats.
-    Encoders of modalities not in ``modalities`` are skipped."""
+    Encoders of modalities not in ``modalities`` are skipped. ``text_encoder``: an encoder
+    already fitted (identified by ``text_identity``) instead of fitting one on these shards."""
     import json
 
     import ray
@@ -274,7 +277,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
 
     t0 = time.time()
     stats = ExtractStats()
-    root = join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities))
+    root = join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities, text_identity))
     todo = [s for s in shards if s.rows > 0 and not _complete(root, s, storage)]
     stats.files_cached = sum(1 for s in shards if s.rows > 0) - len(todo)
     stats.files_extracted = len(todo)
@@ -283,10 +286,13 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
 
     img_cfg = extract_cfg.image
     use_image = img_cfg.model != "none" and "image" in modalities
-    text_encoder = None
-    if "text" in modalities and todo:
+    fitted_here = False
+    if "text" not in modalities or not todo:
+        text_encoder = None
+    elif text_encoder is None:
         text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage)
-    if text_encoder is not None:
+        fitted_here = text_encoder is not None
+    if fitted_here:
         # Saved beside the features: `raymmc assign` encodes new captions with the same encoder.
         import pickle
 

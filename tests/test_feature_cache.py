@@ -1,0 +1,111 @@
+"""The feature cache: a killed extraction resumes without redoing finished files, and gives the
+same features as an uninterrupted one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raymmc.config import load_config
+from raymmc.features.extract import _complete, feature_matrix, fingerprint, load_features, run_extraction
+from raymmc.io.shards import discover
+from raymmc.io.storage import StorageOptions
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, tux_items):
+    """64 real tuxpaint items in 8 shards of 8."""
+    import pyarrow as pa
+
+    from raymmc.io.shards import SCHEMA
+
+    root = tmp_path_factory.mktemp("shards12")
+    n = 64
+    table = pa.table({"id": tux_items.ids[:n], "image": tux_items.images[:n], "caption": tux_items.captions[:n],
+                      "label": tux_items.labels[:n]}, schema=SCHEMA)
+    for i in range(8):
+        pq.write_table(table.slice(i * 8, 8), root / f"part-{i:05d}.parquet")
+    return str(root)
+
+
+def _extract(shards, cache, cfg):
+    return run_extraction(shards, cache, extract_cfg=cfg.extract, seed=cfg.seed, storage=StorageOptions(),
+                          has_gpu=False, log=lambda _: None)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the extraction and every process of its session (its Ray cluster, its workers)."""
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+    proc.wait(timeout=30)
+
+
+def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
+    cfg = load_config(overrides=["extract.text.model=tfidf", "extract.decode_batch_size=8",
+                                 "extract.image.batch_size=8"])
+    shards = discover(many_shards)
+    cache = str(tmp_path / "cache")
+    root = f"{cache}/{fingerprint(cfg.extract, shards, cfg.seed, frozenset({'image', 'text'}))}"
+
+    env = {**os.environ, "RAY_ADDRESS": "", "RAYMMC_PROGRESS": "0"}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raymmc.cli", "extract", "--input", many_shards, "--output", cache,
+         "--set", "extract.text.model=tfidf", "--set", "extract.decode_batch_size=8",
+         "--set", "extract.image.batch_size=8", "--set", "ray.num_cpus=2"],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if any(_complete(root, s, None) for s in shards):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    finally:
+        _kill_session(proc)
+    done_before = [s for s in shards if _complete(root, s, None)]
+    assert 0 < len(done_before) < len(shards), "the kill must land mid-run"
+    mtimes = {p: p.stat().st_mtime_ns for s in done_before for p in Path(root, s.key).glob("rows-*.parquet")}
+
+    dirs, stats = _extract(shards, cache, cfg)
+    assert stats.files_cached == len(done_before)
+    assert stats.files_extracted == len(shards) - len(done_before)
+    # Finished files were not extracted again: their feature files are untouched.
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert all(_complete(root, s, None) for s in shards)
+
+    # Identical to an uninterrupted extraction into a fresh cache.
+    clean_dirs, _ = _extract(shards, str(tmp_path / "clean"), cfg)
+    resumed, clean = load_features(dirs), load_features(clean_dirs)
+    assert resumed.column("id").to_pylist() == clean.column("id").to_pylist() == [
+        i for s in shards for i in pq.read_table(s.path, columns=["id"]).column("id").to_pylist()]
+    np.testing.assert_allclose(feature_matrix(resumed, "image_feat"), feature_matrix(clean, "image_feat"),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feature_matrix(resumed, "text_feat"), feature_matrix(clean, "text_feat"),
+                               rtol=1e-4, atol=1e-5)
+
+    # A third run extracts nothing.
+    _, again = _extract(shards, cache, cfg)
+    assert again.files_extracted == 0 and again.files_cached == len(shards)
+
+
+def test_fingerprint_tracks_what_changes_features(many_shards):
+    shards = discover(many_shards)
+    both = frozenset({"image", "text"})
+    base = load_config()
+    fp = fingerprint(base.extract, shards, 0, both)
+    assert fingerprint(load_config(overrides=["extract.image.batch_size=7"]).extract, shards, 0, both) == fp
+    assert fingerprint(load_config(overrides=["extract.image.model=resnet18"]).extract, shards, 0, both) != fp
+    assert fingerprint(base.extract, shards, 1, both) == fp  # MiniLM is pretrained: seed-free
+    assert fingerprint(base.extract, shards[:5], 0, both) == fp  # ...and archive-free
+    d2v = load_config(overrides=["extract.text.model=doc2vec"]).extract
+    assert fingerprint(d2v, shards, 0, both) != fingerprint(d2v, shards[:5], 0, both)  # fitted on the archive
+    assert fingerprint(d2v, shards, 0, both) != fingerprint(d2v, shards, 1, both)
