@@ -10,7 +10,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test chromium clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/raymmc run
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium renders the HTML report in a test (Debian's package; needs root or sudo).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "could not install chromium: the report screenshot test will be skipped"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

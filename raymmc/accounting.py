@@ -22,6 +22,7 @@ REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("sourc
 @dataclass
 class Accounting:
     usable: pa.Table  # rows to cluster
+    keep: np.ndarray  # bool mask over the input table: which rows are usable
     rejects: pa.Table  # id, reason, source, row
     duplicates: int
     missing_id: int
@@ -72,7 +73,7 @@ def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "t
         },
         schema=REJECT_SCHEMA,
     )
-    return Accounting(table.filter(pa.array(keep)), rejects, duplicates, missing)
+    return Accounting(table.filter(pa.array(keep)), keep, rejects, duplicates, missing)
 
 
 def item_notes(table: pa.Table) -> list[str]:

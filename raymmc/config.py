@@ -14,6 +14,7 @@ from raymmc.cluster.kmeans import KMeansConfig
 from raymmc.features.decode import DecodeConfig
 from raymmc.features.text import TextEncoderConfig
 from raymmc.io.storage import StorageOptions
+from raymmc.train.trainer import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class ExtractConfig:
     min_actors: int = 1
     max_actors: int = 2
     gpus_per_actor: float | None = None  # None = 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0  # also the encoder's torch threads on CPU
     decode_batch_size: int = 64
     # Feature cache URI (features per input file, reused across runs); None = <output>/features-cache.
     cache: str | None = None
@@ -51,6 +53,7 @@ class ClusterConfig:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     # Per-algorithm settings (dec, jecl, dm2c, mmdc), passed to their config dataclasses.
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass

@@ -15,12 +15,13 @@ import pyarrow as pa
 from raymmc.accounting import account, item_notes
 from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
-from raymmc.features.extract import feature_matrix, load_features, run_extraction
+from raymmc.features.extract import load_features, run_extraction
 from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, package_versions
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import cluster_sizes, evaluate
+from raymmc.train.trainer import table_to_multiview
 
 
 @dataclass
@@ -50,19 +51,6 @@ def demo_input(cfg: RunConfig, log: Callable[[str], None]) -> str:
     return out
 
 
-def to_multiview(table: pa.Table) -> MultiViewData:
-    names = table.column_names
-    # A modality without an encoder has no features, whatever the item carried.
-    has_image = table.column("has_image").to_numpy(zero_copy_only=False) & ("image_feat" in names)
-    has_text = table.column("has_text").to_numpy(zero_copy_only=False) & ("text_feat" in names)
-    return MultiViewData(
-        image=feature_matrix(table, "image_feat") if "image_feat" in names else None,
-        text=feature_matrix(table, "text_feat") if "text_feat" in names else None,
-        has_image=has_image, has_text=has_text,
-        ids=np.array(table.column("id").to_pylist(), dtype=object),
-    )
-
-
 # What each algorithm clusters on; k-means and DEC follow their configured view.
 ALGORITHM_MODALITIES = {"mmdc": {"image"}, "jecl": {"image", "text"}, "dm2c": {"image", "text"}}
 VIEW_MODALITIES = {"concat": {"image", "text"}, "image": {"image"}, "text": {"text"}}
@@ -84,12 +72,15 @@ def used_modalities(cfg: RunConfig) -> frozenset[str]:
     return used
 
 
+def model_params(cfg: RunConfig):
+    c = cfg.cluster
+    return c.kmeans if c.algorithm == "kmeans" else c.params.get(c.algorithm)
+
+
 def make_model(cfg: RunConfig):
     from raymmc.cluster.registry import make_clusterer
 
-    c = cfg.cluster
-    params = c.kmeans if c.algorithm == "kmeans" else c.params.get(c.algorithm)
-    return make_clusterer(c.algorithm, c.clusters, params, seed=cfg.seed)
+    return make_clusterer(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), seed=cfg.seed)
 
 
 @dataclass
@@ -99,7 +90,9 @@ class Prepared:
     input_uri: str
     shards: list
     stats: object  # ExtractStats
-    usable: pa.Table
+    feature_dirs: list[str]
+    keep: np.ndarray  # usable rows of the feature table (ordered by source, row)
+    usable: pa.Table  # the usable rows' ids, flags, notes, labels, captions (no feature vectors)
     rejects: pa.Table
     duplicates: int
     missing_id: int
@@ -124,28 +117,62 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             text_encoder=text_encoder, text_identity=text_identity)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
-        acc = account(load_features(feature_dirs, cfg.storage), modalities)
+        light = ["id", "label", "caption", "has_image", "has_text", "image_note", "caption_note"]
+        acc = account(load_features(feature_dirs, cfg.storage, columns=light), modalities)
         rundir.write_table("rejects", acc.rejects)
     if acc.usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
         raise RuntimeError(f"accounting error: {stats.rows} rows read, {acc.usable.num_rows} usable + "
                            f"{acc.rejects.num_rows} rejected")
     log(f"account: {acc.usable.num_rows} usable, {acc.rejects.num_rows} rejected "
         f"({acc.duplicates} duplicate id(s), {acc.missing_id} without id)")
-    return Prepared(input_uri, shards, stats, acc.usable, acc.rejects, acc.duplicates, acc.missing_id, resources)
+    return Prepared(input_uri, shards, stats, feature_dirs, acc.keep, acc.usable, acc.rejects, acc.duplicates,
+                    acc.missing_id, resources)
 
 
-def write_results(rundir: RunDir, prep: Prepared, soft: np.ndarray) -> dict:
+def usable_features(prep: Prepared, cfg: RunConfig) -> MultiViewData:
+    """The usable rows with their feature vectors, on the driver."""
+    table = load_features(prep.feature_dirs, cfg.storage).filter(pa.array(prep.keep))
+    return table_to_multiview(table)
+
+
+def usable_dataset(prep: Prepared, cfg: RunConfig):
+    """The usable rows as a Ray Dataset (for Ray Train workers), with a dense global ``index``."""
+    import ray
+
+    from raymmc.io.storage import list_files
+
+    files = [f.path for d in prep.feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
+    fs, _ = storage.resolve(prep.feature_dirs[0], cfg.storage)
+    index = {(s, int(r)): i for i, (s, r) in enumerate(zip(prep.usable.column("source").to_pylist(),
+                                                           prep.usable.column("row").to_pylist()))}
+    ds = ray.data.read_parquet(files, filesystem=fs)
+    return ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
+
+
+def _select_usable(batch: pa.Table, index_ref) -> pa.Table:
+    import ray
+
+    index = ray.get(index_ref) if isinstance(index_ref, ray.ObjectRef) else index_ref
+    pos = [index.get((s, int(r)), -1) for s, r in zip(batch.column("source").to_pylist(),
+                                                      batch.column("row").to_pylist())]
+    pos = np.array(pos, dtype=np.int64)
+    keep = pos >= 0
+    return batch.filter(pa.array(keep)).append_column("index", pa.array(pos[keep]))
+
+
+def write_results(rundir: RunDir, prep: Prepared, soft: np.ndarray) -> tuple[pa.Table, dict]:
     """assignments/ and metrics.json from the soft assignments of the usable rows."""
     usable = prep.usable
     labels = soft.argmax(axis=1)
-    rundir.write_table("assignments", pa.table({
+    assignments = pa.table({
         "id": usable.column("id"),
         "cluster": pa.array(labels.astype(np.int64)),
         "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
         "has_image": usable.column("has_image"),
         "has_text": usable.column("has_text"),
         "note": pa.array(item_notes(usable), pa.string()),
-    }))
+    })
+    rundir.write_table("assignments", assignments)
     metrics: dict = {"n_assigned": int(usable.num_rows), "cluster_sizes": cluster_sizes(labels)}
     truth = usable.column("label").to_pylist()
     labeled = np.array([t is not None for t in truth])
@@ -153,7 +180,17 @@ def write_results(rundir: RunDir, prep: Prepared, soft: np.ndarray) -> dict:
         metrics.update(evaluate(np.array(truth, dtype=object)[labeled], labels[labeled]))
         metrics["n_labeled"] = int(labeled.sum())
     rundir.write_json("metrics.json", metrics)
-    return metrics
+    return assignments, metrics
+
+
+def write_report(rundir: RunDir, cfg: RunConfig, prep: Prepared, assignments: pa.Table, metrics: dict,
+                 embedding: np.ndarray, title: str) -> str:
+    from raymmc.report.html import write_report as render
+    from raymmc.report.images import load_images
+
+    items = prep.usable.select(["id", "caption", "label", "source", "row"])
+    return render(rundir, assignments, items, embedding, metrics=metrics, title=title, seed=cfg.seed,
+                  image_loader=lambda pairs: load_images(pairs, cfg.storage))
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
@@ -204,6 +241,30 @@ def load_model(rundir: RunDir, cfg: RunConfig):
     return model
 
 
+def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None]):
+    """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
+    import io
+
+    import torch
+
+    from raymmc.raysession import has_gpu
+    from raymmc.train.trainer import fit_ray_train, use_ray_train
+
+    c = cfg.cluster
+    if not use_ray_train(c.train, c.algorithm):
+        return make_model(cfg).fit(usable_features(prep, cfg))
+    storage_path = c.train.storage_path or rundir.path("train")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
+    state = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
+                          params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
+                          run_name=name, has_gpu=has_gpu(), log=log)
+    model = make_model(cfg)
+    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+    return model
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     """`raymmc run`: cluster an archive and write a run directory."""
     seed_everything(cfg.seed)
@@ -219,11 +280,16 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         raise ValueError(f"only {prep.usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
                          f"see {rundir.path('rejects')}")
     with timer("cluster"):
-        data = to_multiview(prep.usable)
-        model = make_model(cfg).fit(data)
+        model = fit_model(cfg, prep, rundir, name, log)
+        data = usable_features(prep, cfg)
         soft = model.soft_assign(data)
     save_model(rundir, model)
-    metrics = write_results(rundir, prep, soft)
+    assignments, metrics = write_results(rundir, prep, soft)
+    if cfg.report:
+        with timer("report"):
+            report = write_report(rundir, cfg, prep, assignments, metrics, model.embed(data),
+                                  title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
+        log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer)
     return RunResult(rundir.uri, metrics, manifest)
 
@@ -258,7 +324,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):
         model = load_model(source, cfg)
-        soft = model.soft_assign(to_multiview(prep.usable)) if prep.usable.num_rows else np.zeros((0, 1))
-    metrics = write_results(rundir, prep, soft)
+        soft = model.soft_assign(usable_features(prep, cfg)) if prep.usable.num_rows else np.zeros((0, 1))
+    _, metrics = write_results(rundir, prep, soft)
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run)
     return RunResult(rundir.uri, metrics, manifest)

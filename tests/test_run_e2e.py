@@ -65,6 +65,13 @@ def test_run_local_with_bad_input(ray_session, bad_archive, tmp_path):
     # Three real classes: far above chance (random assignments: NMI ~0.03, ACC ~0.40).
     assert metrics["nmi"] > 0.3 and metrics["acc"] > 0.45
 
+    # The report: one card per non-empty cluster, images embedded, the summary figure beside it.
+    page = rundir.read_bytes("report/index.html").decode()
+    for c, size in metrics["cluster_sizes"].items():
+        assert f'data-cluster="{c}" data-size="{size}"' in page
+    assert page.count("data:image/") >= 10 and "http://" not in page and "https://" not in page
+    assert rundir.read_bytes("report/summary.png").startswith(b"\x89PNG")
+
 
 def test_run_reads_and_writes_s3(ray_session, bad_archive, s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket

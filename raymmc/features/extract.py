@@ -97,7 +97,10 @@ def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> dict[str, np.ndarray]:
 class ImageEmbedder:
     """Ray Data actor: holds one CNN, encodes the rows that have an image."""
 
-    def __init__(self, model: str, weights: str, half: bool, device: str = "auto"):
+    def __init__(self, model: str, weights: str, half: bool, threads: int = 1, device: str = "auto"):
+        import torch
+
+        torch.set_num_threads(max(1, threads))  # the CPUs Ray reserved for this actor, no more
         self.encoder = ImageEncoder(model, weights, device=device, half=half)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -309,8 +312,10 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
                             fn_kwargs={"cfg": extract_cfg.decode})
         if use_image:
             ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
+                                num_cpus=extract_cfg.cpus_per_actor,
                                 fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,
-                                                       "half": img_cfg.half_precision})
+                                                       "half": img_cfg.half_precision,
+                                                       "threads": int(extract_cfg.cpus_per_actor)})
         else:
             ds = ds.map_batches(_drop_pixels, batch_format="numpy")
         if text_encoder is not None:

@@ -6,7 +6,7 @@
     rejects/           id, reason, source, row (Parquet)
     metrics.json       cluster sizes; acc, nmi, ari, purity, f_score when labels exist
     model/             the fitted clustering state (for `raymmc assign`)
-    report/            the HTML cluster report
+    report/            index.html (the cluster report, self-contained) and summary.png
 """
 
 from __future__ import annotations

@@ -1,0 +1,175 @@
+"""Feature-extraction throughput and memory.
+
+    .venv/bin/python benchmarks/extract.py [--items 256] [--models mobilenet_v2 resnet50] [--batch 32]
+
+For each image model, in one run:
+- bare: the model's forward pass alone on already-decoded 224x224 tensors (same batch size, same
+  torch threads as one encoder actor);
+- pipeline: the whole Ray Data job (read Parquet -> decode -> encoder actor -> write the feature
+  cache), items / wall seconds, Ray start-up excluded, actor start-up included;
+- their ratio; and the peak resident memory of the whole job (driver, Ray, workers) for N and 4N
+  items, to show that extraction streams.
+
+ResNet-50's ImageNet weights cannot be installed offline: where they are absent, it runs with
+random weights (identical cost). Each measurement runs in its own process (and Ray cluster) so
+that memory figures do not mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAYMMC_PROGRESS", "0")
+
+
+def make_archive(n: int, out: str, rows_per_shard: int = 64) -> str:
+    """n real tuxpaint images (cycled, new ids) as Parquet shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymmc import datasets
+    from raymmc.io.shards import SCHEMA
+
+    items = datasets.collect("tuxpaint")
+    m = len(items.ids)
+    idx = [i % m for i in range(n)]
+    table = pa.table({"id": [f"{items.ids[i]}#{k}" for k, i in enumerate(idx)],
+                      "image": [items.images[i] for i in idx], "caption": [items.captions[i] for i in idx],
+                      "label": [items.labels[i] for i in idx]}, schema=SCHEMA)
+    os.makedirs(out, exist_ok=True)
+    for s in range(0, n, rows_per_shard):
+        pq.write_table(table.slice(s, rows_per_shard), os.path.join(out, f"part-{s // rows_per_shard:05d}.parquet"))
+    return out
+
+
+def weights_for(model: str) -> str:
+    from raymmc.features.image import WeightsError, resolve_weights
+
+    source = resolve_weights(model, "auto")
+    return "random" if source.startswith("http") else "auto"
+
+
+def bare(model: str, n: int, batch: int, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from raymmc import datasets
+    from raymmc.features.decode import DecodeConfig, decode_image
+    from raymmc.features.image import ImageEncoder
+
+    torch.set_num_threads(threads)
+    items = datasets.collect("tuxpaint")
+    cfg = DecodeConfig()
+    decoded = [decode_image(items.images[i % len(items.ids)], cfg)[0] for i in range(min(n, len(items.ids)))]
+    x = np.stack([decoded[i % len(decoded)] for i in range(n)])
+    enc = ImageEncoder(model, weights_for(model), device="cpu")
+    enc(x[:batch])  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, n, batch):
+        enc(x[s:s + batch])
+    dt = time.perf_counter() - t0
+    return {"items": n, "seconds": dt, "items_per_s": n / dt}
+
+
+def pipeline(model: str, n: int, batch: int, threads: int) -> dict:
+    from raymmc.config import RayConfig, load_config
+    from raymmc.features.extract import run_extraction
+    from raymmc.io.shards import discover
+    from raymmc.raysession import init_ray
+
+    tmp = tempfile.mkdtemp(prefix="raymmc-bench-")
+    archive = make_archive(n, os.path.join(tmp, "in"))
+    cfg = load_config(overrides=[f"extract.image.model={model}", f"extract.image.weights={weights_for(model)}",
+                                 f"extract.image.batch_size={batch}", "extract.min_actors=1", "extract.max_actors=1",
+                                 f"extract.cpus_per_actor={threads}"])
+    init_ray(RayConfig(num_cpus=os.cpu_count()))
+    shards = discover(archive)
+    t0 = time.perf_counter()
+    _, stats = run_extraction(shards, os.path.join(tmp, "cache"), extract_cfg=cfg.extract, seed=0,
+                              storage=cfg.storage, has_gpu=False, modalities=frozenset({"image"}),
+                              log=lambda _: None)
+    dt = time.perf_counter() - t0
+    assert stats.rows == n
+    return {"items": n, "seconds": dt, "items_per_s": n / dt}
+
+
+def _session_rss_bytes(sid: int) -> int:
+    """Resident memory of every process in session ``sid`` (the job, its Ray cluster, its workers)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.getsid(int(pid)) != sid:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except (OSError, ProcessLookupError):
+            continue
+    return total
+
+
+def measure(kind: str, model: str, n: int, batch: int, threads: int) -> dict:
+    """Run one measurement in its own session; sample its peak memory from outside."""
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", kind, model, str(n), str(batch), str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _session_rss_bytes(proc.pid))
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # Ray leftovers
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} {model} n={n} failed")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 2**20
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, model, n, batch, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+        fn = bare if kind == "bare" else pipeline
+        print(json.dumps(fn(model, n, batch, threads)))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=256, help="N (memory is also measured at 4N)")
+    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the encoder (= CPUs per actor)")
+    args = p.parse_args()
+    print(f"{os.cpu_count()} CPUs; batch {args.batch}; encoder threads {args.threads}; N = {args.items}\n")
+    print("| model | bare forward (items/s) | pipeline (items/s) | ratio | peak RSS N (MB) | peak RSS 4N (MB) | ratio 4N/N |")
+    print("|---|---|---|---|---|---|---|")
+    for model in args.models:
+        b = measure("bare", model, args.items, args.batch, args.threads)
+        p1 = measure("pipeline", model, args.items, args.batch, args.threads)
+        p4 = measure("pipeline", model, 4 * args.items, args.batch, args.threads)
+        print(f"| {model} | {b['items_per_s']:.1f} | {p4['items_per_s']:.1f} (N: {p1['items_per_s']:.1f}) | "
+              f"{p4['items_per_s'] / b['items_per_s']:.2f} | {p1['peak_rss_mb']:.0f} | {p4['peak_rss_mb']:.0f} | "
+              f"{p4['peak_rss_mb'] / p1['peak_rss_mb']:.2f} |", flush=True)
+    print("\npipeline throughput is measured at 4N items (start-up amortised); ratio = pipeline / bare")
+
+
+if __name__ == "__main__":
+    main()

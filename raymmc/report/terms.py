@@ -1,0 +1,55 @@
+"""Top terms of each cluster's captions by class-based TF-IDF (c-TF-IDF).
+
+All captions of a cluster are concatenated into one document, so the "documents" are the
+clusters. The weight of term t in cluster c is
+
+    W[c, t] = tf[c, t] * log(1 + A / f[t])
+
+with tf[c, t] the count of t in cluster c's captions, f[t] the count of t over all clusters and
+A the average number of (counted) words per cluster. A term frequent in one cluster and rare
+elsewhere scores high; a term spread evenly over all clusters scores low.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from sklearn.feature_extraction.text import CountVectorizer
+
+# Words of two or more letters: digits and one-letter tokens rarely describe a cluster.
+TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"
+
+
+def ctfidf(cluster_docs: Sequence[str], *, stop_words: str | list[str] | None = "english",
+           token_pattern: str = TOKEN_PATTERN) -> tuple[np.ndarray, list[str]]:
+    """c-TF-IDF weights ``(n_clusters, n_terms)`` and the vocabulary (sorted), one row per doc.
+
+    ``cluster_docs[c]`` is cluster c's captions joined with spaces. An empty vocabulary (no
+    captions, or only stop words) gives a ``(n_clusters, 0)`` matrix rather than an error.
+    """
+    vec = CountVectorizer(stop_words=stop_words, token_pattern=token_pattern, lowercase=True)
+    try:
+        counts = vec.fit_transform(list(cluster_docs))
+    except ValueError:  # sklearn: "empty vocabulary"
+        return np.zeros((len(cluster_docs), 0)), []
+    tf = counts.toarray().astype(np.float64)
+    f = tf.sum(axis=0)  # > 0 for every vocabulary term
+    avg_words = tf.sum() / max(len(cluster_docs), 1)
+    weights = tf * np.log1p(avg_words / f)
+    return weights, list(vec.get_feature_names_out())
+
+
+def top_terms(cluster_docs: Sequence[str], n: int = 8, **kwargs) -> list[list[tuple[str, float]]]:
+    """The ``n`` highest-weighted ``(term, weight)`` of each cluster doc, best first.
+
+    Terms absent from a cluster (weight 0) are never listed; ties break alphabetically so the
+    report is deterministic.
+    """
+    weights, vocab = ctfidf(cluster_docs, **kwargs)
+    out: list[list[tuple[str, float]]] = []
+    for row in weights:
+        # lexsort: last key is primary -> descending weight, then vocabulary order (alphabetical).
+        order = np.lexsort((np.arange(len(row)), -row))
+        out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
+    return out

@@ -1,0 +1,130 @@
+"""Ray Train glue: fit any raymmc clusterer data-parallel under TorchTrainer.
+
+Each worker reads its shard of the feature Parquet through Ray Data (``get_dataset_shard``),
+builds the same model from the same seed, wraps its nets in DDP (when there is more than one
+worker) and calls ``fit`` with :class:`TorchDistributedOps`, so that every whole-data-set
+quantity (cluster frequencies, alignment counts, k-means samples, per-item targets) is reduced
+across workers. Progress is reported every epoch; rank 0's final state is the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class TrainConfig:
+    # "auto": Ray Train for the deep algorithms (dec, jecl, dm2c, mmdc), in-process for k-means.
+    mode: str = "auto"  # auto | ray | local
+    workers: int = 1
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # a killed worker is restarted this many times
+    storage_path: str | None = None  # Ray Train checkpoints; None = <run directory>/train
+
+
+DEEP = frozenset({"dec", "jecl", "dm2c", "mmdc"})
+
+
+def use_ray_train(cfg: TrainConfig, algorithm: str) -> bool:
+    if cfg.mode not in ("auto", "ray", "local"):
+        raise ValueError(f"cluster.train.mode must be auto, ray or local, not {cfg.mode!r}")
+    return cfg.mode == "ray" or (cfg.mode == "auto" and algorithm in DEEP)
+
+
+def table_to_multiview(table: pa.Table):
+    """Feature rows (with a global ``index`` column when present) -> MultiViewData."""
+    from raymmc.cluster.base import MultiViewData
+    from raymmc.features.extract import feature_matrix
+
+    names = table.column_names
+    has_image = table.column("has_image").to_numpy(zero_copy_only=False) & ("image_feat" in names)
+    has_text = table.column("has_text").to_numpy(zero_copy_only=False) & ("text_feat" in names)
+    extra = {"index": table.column("index").to_numpy()} if "index" in names else {}
+    return MultiViewData(
+        image=feature_matrix(table, "image_feat") if "image_feat" in names else None,
+        text=feature_matrix(table, "text_feat") if "text_feat" in names else None,
+        has_image=has_image, has_text=has_text,
+        ids=np.array(table.column("id").to_pylist(), dtype=object), extra=extra,
+    )
+
+
+def _serialize(state: dict) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _train_loop(loop_cfg: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from raymmc.cluster.registry import make_clusterer
+    from raymmc.train.ops import TorchDistributedOps
+
+    ctx = ray.train.get_context()
+    shard = ray.train.get_dataset_shard("train")
+    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=4096))
+    table = pa.concat_tables(batches) if batches else None
+    if table is None or table.num_rows == 0:
+        raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
+    data = table_to_multiview(table)
+    ops = TorchDistributedOps()
+    world = ctx.get_world_size()
+
+    def wrap(module):
+        if world == 1 or not any(p.requires_grad for p in module.parameters()):
+            return module
+        # Some nets skip a view in some batches (e.g. no caption): allow unused parameters.
+        return DistributedDataParallel(module, find_unused_parameters=True)
+
+    def on_epoch(info: dict) -> None:
+        ray.train.report({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+
+    model = make_clusterer(loop_cfg["algorithm"], loop_cfg["clusters"], loop_cfg["params"], seed=loop_cfg["seed"],
+                           on_epoch=on_epoch, wrap=wrap)
+    model.fit(data, ops)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ctx.get_world_rank() == 0:
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                f.write(_serialize(model.state_dict()))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"phase": "done", "rows": int(table.num_rows)}, checkpoint=checkpoint)
+    del torch  # imported for its side effects on the worker
+
+
+def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
+                  storage_path: str, run_name: str, has_gpu: bool,
+                  log: Callable[[str], None] = print) -> bytes:
+    """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed},
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=train.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {algorithm} produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, "state.pt"), "rb") as f:
+            return f.read()

@@ -1,0 +1,47 @@
+"""TorchDistributedOps on a real 2-process gloo group: the collectives the math relies on."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raymmc.train.ops import TorchDistributedOps
+
+
+def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ops = TorchDistributedOps()
+        local = torch.arange(rank + 2, dtype=torch.float32).reshape(-1, 1) + 10 * rank  # 2 rows, then 3 rows
+        summed = ops.all_reduce_sum(torch.tensor([1.0, rank]))
+        gathered = ops.all_gather_cat(local)
+        bcast = ops.broadcast(torch.tensor([rank + 5.0]), src=1)
+        ops.barrier()
+        results[rank] = (summed.tolist(), gathered.flatten().tolist(), bcast.tolist(), local.flatten().tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "init"), results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert all(p.exitcode == 0 for p in procs)
+        results = dict(results)
+    for rank in range(2):
+        summed, gathered, bcast, local = results[rank]
+        assert summed == [2.0, 1.0]
+        assert gathered == [0.0, 1.0, 10.0, 11.0, 12.0]  # rank order, uneven sizes
+        assert bcast == [6.0]
+        assert local == ([0.0, 1.0] if rank == 0 else [10.0, 11.0, 12.0])  # inputs untouched
+
+
+def test_needs_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="process group"):
+        TorchDistributedOps()
