@@ -31,7 +31,8 @@ class Accounting:
 def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "text"})) -> Accounting:
     """Split ``table`` into usable rows and rejects. ``modalities``: what this run clusters on
     (an image-only algorithm or view rejects rows that only have a caption, and says so)."""
-    use_image, use_text = "image" in modalities, "text" in modalities
+    use_image = "image" in modalities or "pixels" in modalities
+    use_text = "text" in modalities
     ids = table.column("id").to_pylist()
     sources = table.column("source").to_pylist()
     rows = table.column("row").to_pylist()

@@ -10,19 +10,19 @@ from typing import Any
 from raymmc.config import ConfigError, load_config
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see jobs/configs/)")
     p.add_argument("--input", help="archive URI: local dir, file://, s3://, gs:// (default: the demo data)")
     p.add_argument("--output", help="where run directories are created (default: ./runs)")
     p.add_argument("--run-name", help="run directory name (default: <algorithm>-<timestamp>)")
-    p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc")
+    p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc | auto (picks from the data's modalities)")
     p.add_argument("--clusters", type=int, help="number of clusters K")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set extract.image.model=resnet50 (repeatable)")
 
 
-def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, dest in (("input", "input"), ("output", "output"), ("run_name", "run_name"), ("seed", "seed")):
         if getattr(args, dest, None) is not None:
@@ -40,7 +40,7 @@ def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from raymmc.pipeline import run
 
-    cfg = load_config(args.config, args.overrides, _cli_values(args))
+    cfg = load_config(args.config, args.overrides, cli_values(args))
     result = run(cfg)
     print(f"\nrun directory: {result.run_uri}")
     m = result.metrics
@@ -56,7 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from raymmc.pipeline import used_modalities
     from raymmc.raysession import has_gpu, init_ray
 
-    cfg = load_config(args.config, args.overrides, _cli_values(args))
+    cfg = load_config(args.config, args.overrides, cli_values(args))
     if not cfg.input:
         raise ConfigError("raymmc extract needs --input")
     shards = discover(cfg.input, cfg.storage)
@@ -102,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_run = sub.add_parser("run", help="cluster an archive (no --input: the demo data set)")
-    _add_run_args(p_run)
+    add_run_args(p_run)
     p_run.set_defaults(func=cmd_run)
 
     p_ex = sub.add_parser("extract", help="extract features only (into --output, the feature cache)")
-    _add_run_args(p_ex)
+    add_run_args(p_ex)
     p_ex.set_defaults(func=cmd_extract)
 
     p_as = sub.add_parser("assign", help="assign new items to an existing run's clusters, without retraining")

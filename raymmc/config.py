@@ -12,6 +12,7 @@ import yaml
 
 from raymmc.cluster.kmeans import KMeansConfig
 from raymmc.features.decode import DecodeConfig
+from raymmc.features.extract import PixelConfig
 from raymmc.features.text import TextEncoderConfig
 from raymmc.io.storage import StorageOptions
 from raymmc.train.trainer import TrainConfig
@@ -36,6 +37,7 @@ class ExtractConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    pixels: PixelConfig = field(default_factory=PixelConfig)  # for end-to-end models (MMDC)
     # Encoder actor pool: autoscales between min and max actors; one GPU each where GPUs exist.
     min_actors: int = 1
     max_actors: int = 2
@@ -163,7 +165,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+ALGORITHMS = ("kmeans", "dec", "jecl", "dm2c", "mmdc", "auto")
+
+
 def validate(cfg: RunConfig) -> None:
+    from raymmc.cluster.registry import make_config
+
+    if cfg.cluster.algorithm not in ALGORITHMS:
+        raise ConfigError(f"cluster.algorithm must be one of {', '.join(ALGORITHMS)}, not {cfg.cluster.algorithm!r}")
+    for name, params in cfg.cluster.params.items():
+        if name not in ALGORITHMS or name in ("kmeans", "auto"):
+            raise ConfigError(f"cluster.params.{name}: no such algorithm (use cluster.kmeans for k-means)")
+        try:
+            make_config(name, params)  # the algorithm's own typed config checks keys and values
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cluster.params.{name}: {exc}") from exc
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

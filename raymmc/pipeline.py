@@ -52,8 +52,23 @@ def demo_input(cfg: RunConfig, log: Callable[[str], None]) -> str:
 
 
 # What each algorithm clusters on; k-means and DEC follow their configured view.
-ALGORITHM_MODALITIES = {"mmdc": {"image"}, "jecl": {"image", "text"}, "dm2c": {"image", "text"}}
+ALGORITHM_MODALITIES = {"mmdc": {"pixels"}, "jecl": {"image", "text"}, "dm2c": {"image", "text"}}
 VIEW_MODALITIES = {"concat": {"image", "text"}, "image": {"image"}, "text": {"text"}}
+
+
+def choose_algorithm(counts: dict[str, int]) -> tuple[str, str]:
+    """``--algorithm auto``: the algorithm that fits the archive's modalities, and why."""
+    n, n_img, n_txt = counts["rows"], counts["image"], counts["caption"]
+    if n_txt == 0:
+        return "mmdc", f"no captions among {n} items: images only, MMDC (end to end on pixels)"
+    if n_img == 0:
+        return "dec", f"no images among {n} items: text only, DEC on the caption features"
+    paired = max(0, n_img + n_txt - n)  # items that must carry both
+    if paired >= 0.5 * n:
+        return "jecl", (f"at least {paired} of {n} items ({paired / n:.0%}) carry an image and a caption: "
+                        "paired data, JECL")
+    return "dm2c", (f"{n_img} of {n} items have an image and {n_txt} a caption, so as few as {paired} carry "
+                    "both: mostly one modality per item, mixed-modal, DM2C")
 
 
 def used_modalities(cfg: RunConfig) -> frozenset[str]:
@@ -64,7 +79,7 @@ def used_modalities(cfg: RunConfig) -> frozenset[str]:
         view = cfg.cluster.kmeans.view if algo == "kmeans" else cfg.cluster.params.get(algo, {}).get("view", "concat")
         wanted = VIEW_MODALITIES[view]
     available = {m for m, model in (("image", cfg.extract.image.model), ("text", cfg.extract.text.model))
-                 if model != "none"}
+                 if model != "none"} | {"pixels"}
     used = frozenset(wanted & available)
     if not used:
         raise ConfigError(f"algorithm {algo!r} uses {sorted(wanted)} but only {sorted(available) or 'no'} "
@@ -146,7 +161,10 @@ def usable_dataset(prep: Prepared, cfg: RunConfig):
     index = {(s, int(r)): i for i, (s, r) in enumerate(zip(prep.usable.column("source").to_pylist(),
                                                            prep.usable.column("row").to_pylist()))}
     ds = ray.data.read_parquet(files, filesystem=fs)
-    return ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
+    ds = ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
+    # Materialised (in the object store, not on the driver) before training: once the workers
+    # hold every CPU, no read task could run any more.
+    return ds.materialize()
 
 
 def _select_usable(batch: pa.Table, index_ref) -> pa.Table:
@@ -267,11 +285,21 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
     """`raymmc run`: cluster an archive and write a run directory."""
+    import dataclasses
+
+    from raymmc.io.shards import present_counts
+
     seed_everything(cfg.seed)
-    used_modalities(cfg)  # config errors before any work
     timer = StageTimer()
     started = _dt.datetime.now(_dt.timezone.utc)
     input_uri = cfg.input or demo_input(cfg, log)
+    extra: dict = {}
+    if cfg.cluster.algorithm == "auto":
+        algorithm, why = choose_algorithm(present_counts(discover(input_uri, cfg.storage), cfg.storage))
+        log(f"algorithm auto -> {algorithm}: {why}")
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm))
+        extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
+    used_modalities(cfg)  # config errors before any work
     name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
     rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
 
@@ -290,7 +318,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
             report = write_report(rundir, cfg, prep, assignments, metrics, model.embed(data),
                                   title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
         log(f"report: {report}")
-    manifest = write_manifest(rundir, cfg, prep, started, timer)
+    manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)
     return RunResult(rundir.uri, metrics, manifest)
 
 

@@ -21,6 +21,9 @@ def test_defaults_yaml_values_and_overrides(tmp_path):
     ("cluster.kmeans.view=pixels", "not one of"),
     ("cluster.clusters=1", "at least 2"),
     ("seed", "must look like key.sub=value"),
+    ("cluster.algorithm=spectral", "cluster.algorithm must be one of"),
+    ("cluster.params.jecl.nope=1", "cluster.params.jecl: unknown"),
+    ("cluster.params.kmeans.niter=1", "no such algorithm"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -25,7 +25,26 @@ from raymmc.io.shards import Shard, conform
 from raymmc.io.storage import StorageOptions, resolve
 
 FEATURE_COLUMNS = ("id", "source", "row", "label", "caption", "has_image", "has_text", "image_note",
-                   "caption_note", "image_feat", "text_feat")
+                   "caption_note", "image_feat", "text_feat", "pixels")
+
+
+@dataclass
+class PixelConfig:
+    """Raw pixels kept for end-to-end models (MMDC): the image resized (shorter side) and
+    centre-cropped to ``size``, grayscale when ``channels`` is 1."""
+
+    size: int = 28
+    channels: int = 1
+
+
+def pack_pixels(batch: dict[str, np.ndarray], channels: int) -> dict[str, np.ndarray]:
+    """(n, H, W, 3) uint8 -> (n, C*H*W) uint8 in channel-first order."""
+    px = batch.pop("pixels")
+    if channels == 1:
+        # ITU-R 601 luma, as PIL's convert("L").
+        px = (px[..., :1] * 0.299 + px[..., 1:2] * 0.587 + px[..., 2:3] * 0.114).round().astype(np.uint8)
+    batch["pixels"] = np.ascontiguousarray(px.transpose(0, 3, 1, 2)).reshape(len(px), -1)
+    return batch
 
 
 @dataclass
@@ -140,6 +159,9 @@ def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
         if name.endswith("_feat"):
             v = np.ascontiguousarray(value, dtype=np.float32)
             cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+        elif name == "pixels":
+            v = np.ascontiguousarray(value, dtype=np.uint8)
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
         elif name in ("has_image", "has_text"):
             cols[name] = pa.array(value.astype(bool))
         elif name == "row":
@@ -149,11 +171,11 @@ def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(cols)
 
 
-def feature_matrix(table: pa.Table, column: str) -> np.ndarray:
-    """A fixed-size-list feature column as an (n, d) float32 array."""
+def feature_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np.ndarray:
+    """A fixed-size-list feature column as an (n, d) array."""
     col = table.column(column).combine_chunks()
     d = col.type.list_size
-    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, d)
 
 
 # --- the feature cache ---------------------------------------------------------------------------
@@ -182,6 +204,7 @@ def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: fr
     ident = {
         "format": FEATURE_FORMAT,
         "image": dataclasses.asdict(extract_cfg.image) if "image" in modalities else None,
+        "pixels": dataclasses.asdict(extract_cfg.pixels) if "pixels" in modalities else None,
         "decode": dataclasses.asdict(extract_cfg.decode),
         "text": text,
     }
@@ -272,6 +295,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     done. Returns the feature directories (one per non-empty input file) and the stats.
     Encoders of modalities not in ``modalities`` are skipped. ``text_encoder``: an encoder
     already fitted (identified by ``text_identity``) instead of fitting one on these shards."""
+    import dataclasses
     import json
 
     import ray
@@ -308,9 +332,15 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_shard_batches, batch_size=1, batch_format="numpy",
                             fn_kwargs={"storage": storage, "rows_per_batch": extract_cfg.decode_batch_size})
+        decode_cfg = extract_cfg.decode
+        if "pixels" in modalities:
+            decode_cfg = dataclasses.replace(decode_cfg, image_size=extract_cfg.pixels.size,
+                                             resize=extract_cfg.pixels.size)
         ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=extract_cfg.decode_batch_size,
-                            fn_kwargs={"cfg": extract_cfg.decode})
-        if use_image:
+                            fn_kwargs={"cfg": decode_cfg})
+        if "pixels" in modalities:
+            ds = ds.map_batches(pack_pixels, batch_format="numpy", fn_kwargs={"channels": extract_cfg.pixels.channels})
+        elif use_image:
             ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
                                 num_cpus=extract_cfg.cpus_per_actor,
                                 fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,

@@ -117,3 +117,27 @@ def conform(table: pa.Table, columns: list[str]) -> pa.Table:
         else:
             arrays.append(pa.nulls(table.num_rows, tp))
     return pa.table(arrays, names=list(columns))
+
+
+def present_counts(shards: list[Shard], options: StorageOptions | None = None) -> dict[str, int]:
+    """Rows, and rows with a non-null ``image`` / ``caption``, from Parquet statistics where the
+    files carry them (reading only that column otherwise)."""
+    counts = {"rows": 0, "image": 0, "caption": 0}
+    for shard in shards:
+        counts["rows"] += shard.rows
+        fs, _ = resolve(shard.uri, options)
+        meta = pq.read_metadata(shard.path, filesystem=fs)
+        names = meta.schema.to_arrow_schema().names
+        for col in ("image", "caption"):
+            if col not in shard.columns:
+                continue
+            idx = names.index(col)
+            nulls = 0
+            for rg in range(meta.num_row_groups):
+                stats = meta.row_group(rg).column(idx).statistics
+                if stats is None or not stats.has_null_count:
+                    nulls = pq.read_table(shard.path, filesystem=fs, columns=[col]).column(col).null_count
+                    break
+                nulls += stats.null_count
+            counts[col] += shard.rows - nulls
+    return counts

@@ -28,6 +28,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # a killed worker is restarted this many times
     storage_path: str | None = None  # Ray Train checkpoints; None = <run directory>/train
+    report_every: int = 10  # progress reports every N epochs / target updates (and at each new phase)
 
 
 DEEP = frozenset({"dec", "jecl", "dm2c", "mmdc"})
@@ -45,13 +46,21 @@ def table_to_multiview(table: pa.Table):
     from raymmc.features.extract import feature_matrix
 
     names = table.column_names
-    has_image = table.column("has_image").to_numpy(zero_copy_only=False) & ("image_feat" in names)
+    pixels = None
+    if "pixels" in names:
+        flat = feature_matrix(table, "pixels", np.uint8)
+        # C*H*W with square images and C in {1, 3}: a perfect square means one channel.
+        channels = 1 if int(round(flat.shape[1] ** 0.5)) ** 2 == flat.shape[1] else 3
+        side = int(round((flat.shape[1] / channels) ** 0.5))
+        pixels = flat.reshape(len(flat), channels, side, side)
+    has_image = table.column("has_image").to_numpy(zero_copy_only=False) & (
+        "image_feat" in names or "pixels" in names)
     has_text = table.column("has_text").to_numpy(zero_copy_only=False) & ("text_feat" in names)
     extra = {"index": table.column("index").to_numpy()} if "index" in names else {}
     return MultiViewData(
         image=feature_matrix(table, "image_feat") if "image_feat" in names else None,
         text=feature_matrix(table, "text_feat") if "text_feat" in names else None,
-        has_image=has_image, has_text=has_text,
+        has_image=has_image, has_text=has_text, pixels=pixels,
         ids=np.array(table.column("id").to_pylist(), dtype=object), extra=extra,
     )
 
@@ -89,8 +98,15 @@ def _train_loop(loop_cfg: dict) -> None:
         # Some nets skip a view in some batches (e.g. no caption): allow unused parameters.
         return DistributedDataParallel(module, find_unused_parameters=True)
 
+    last_phase = {"phase": None, "calls": 0}
+
     def on_epoch(info: dict) -> None:
-        ray.train.report({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+        # Every rank calls this in lock-step with the same info, so reporting on a count (not a
+        # clock) keeps ray.train.report collective-safe; every 10th epoch and every new phase.
+        last_phase["calls"] += 1
+        if info.get("phase") != last_phase["phase"] or last_phase["calls"] % loop_cfg["report_every"] == 0:
+            last_phase["phase"] = info.get("phase")
+            ray.train.report({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
 
     model = make_clusterer(loop_cfg["algorithm"], loop_cfg["clusters"], loop_cfg["params"], seed=loop_cfg["seed"],
                            on_epoch=on_epoch, wrap=wrap)
@@ -115,7 +131,8 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed},
+        train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
+                           "report_every": train.report_every},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,

@@ -1,0 +1,281 @@
+"""The Ray jobs under jobs/: the main job submitted through the real Job Submission API to a
+real `ray start` cluster (its own ports and temp dir, so the test session's in-process cluster
+never joins it), and the re-cluster job run in-process against a grown archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raymmc.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+EXCLUDES = [".venv", ".git", "runs", "data", ".cache", ".pytest_cache", "**/__pycache__", "*.egg-info", "*.whl",
+            ".devscratch"]
+JOB_ENV = {"RAYMMC_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+
+sys.path.insert(0, str(REPO / "jobs"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """``{pid: (parent pid, session id, state)}`` of the live processes, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        table[int(entry)] = (int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def _cluster_pids(root: int) -> set[int]:
+    """The `ray start` process, its descendants, and the rest of the session it leads."""
+    table = _proc_table()
+    pids = {pid for pid, (_, sid, state) in table.items() if sid == root and state != "Z"}
+    pids.add(root)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _, state) in table.items() if ppid in pids and state != "Z"} - pids
+        pids |= more
+        grew = bool(more)
+    return {pid for pid in pids if pid in table}
+
+
+def _stop_cluster(proc: subprocess.Popen) -> None:
+    """Stop the processes of this cluster only, by id. (`ray stop` would stop every Ray process
+    on the machine, the test session's own cluster included.)"""
+    pids = _cluster_pids(proc.pid)
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the root
+            table = _proc_table()
+            pids = {pid for pid in pids if pid in table and table[pid][2] != "Z"}
+            if not pids:
+                break
+            time.sleep(0.2)
+        if not pids:
+            break
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.fixture(scope="module")
+def job_cluster():
+    """A local Ray cluster started with `ray start` (the venv's), its dashboard on 127.0.0.1."""
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths have a limit
+    dash, gcs = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(JOB_ENV, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--temp-dir={temp_dir}"]
+    log_path = Path(temp_dir) / "ray-start.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                client = JobSubmissionClient(url)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the dashboard at {url} did not come up:\n{log_path.read_text()[-5000:]}")
+                time.sleep(1)
+        client.gcs_port = gcs
+        yield client
+    finally:
+        _stop_cluster(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait(client, job_id: str, timeout: float = 300):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status, client.get_job_logs(job_id)
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            return status, client.get_job_logs(job_id)
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_job_configs_are_valid_run_configs(path):
+    import tune_sweep
+
+    raw, tune = tune_sweep.split_config(str(path))
+    cfg = load_config(None, None, raw)
+    for key, spec in tune["search_space"].items():
+        load_config(None, tune_sweep.overrides_of({key: tune_sweep._example(spec)}), raw)
+    if path.name == "gpu_cluster.yaml":
+        assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
+        assert cfg.extract.image.model == "resnet50" and cfg.extract.gpus_per_actor == 1
+        assert cfg.extract.max_actors > 1
+    if path.name == "laptop.yaml":
+        assert cfg.input is None and cfg.extract.gpus_per_actor == 0
+    if path.name.startswith("tune_"):
+        assert tune["search_space"]
+
+
+def test_tune_config_errors(tmp_path):
+    import tune_sweep
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tune": {"serch_space": {}}}))
+    with pytest.raises(ConfigError, match="unknown tune key"):
+        tune_sweep.split_config(str(bad))
+    bad.write_text(yaml.safe_dump({"tune": {"search_space": {"cluster.kmeans.nredoo": [1, 2]}}}))
+    assert tune_sweep.main(["--config", str(bad), "--output", str(tmp_path)]) == 2  # before any trial
+
+
+def _submit(client, entrypoint: str) -> str:
+    return client.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": dict(JOB_ENV)})
+
+
+@pytest.mark.slow
+def test_cluster_archive_job_through_job_submission(job_cluster, bad_archive, tmp_path):
+    from ray.job_submission import JobStatus
+
+    out = tmp_path / "runs"
+    job_id = _submit(job_cluster, f"python jobs/cluster_archive.py --config jobs/configs/laptop.yaml "
+                                  f"--input {bad_archive['uri']} --output {out} --run-name job --clusters 3 "
+                                  f"--set extract.text.model=tfidf")
+    status, logs = _wait(job_cluster, job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}; logs:\n{logs[-20000:]}"
+
+    # The job ran the venv's Python, joined the job's cluster, and imported the uploaded package.
+    env_line = next(line for line in logs.splitlines() if line.startswith("python "))
+    python = env_line.split()[1].rstrip(";")
+    assert Path(python).parent == VENV_BIN, env_line
+    assert env_line.rstrip().endswith(f":{job_cluster.gcs_port}"), env_line  # RAY_ADDRESS=<ip>:<port>
+
+    result = json.loads(next(line for line in logs.splitlines() if line.startswith("RAYMMC_RESULT "))
+                        .split(" ", 1)[1])
+    assert result["run_uri"] == str(out / "job")
+    run = out / "job"
+    for name in ("manifest.json", "metrics.json", "features.json", "assignments", "rejects"):
+        assert (run / name).exists(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["read"] == bad_archive["n_rows"] == counts["assigned"] + counts["rejected"]
+    assert manifest["config"]["cluster"]["clusters"] == 3
+    assert manifest["config"]["extract"]["text"]["model"] == "tfidf"
+    assert manifest["ray_resources"].get("CPU") == 2
+    assignments = pq.read_table(run / "assignments")
+    assert assignments.num_rows == counts["assigned"]
+    assert set(assignments.column("cluster").to_pylist()) <= {0, 1, 2}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert result["metrics"]["n_assigned"] == metrics["n_assigned"] == counts["assigned"]
+    assert metrics["nmi"] > 0.1  # 3 real classes; random labels give ~0.03
+
+
+@pytest.mark.slow
+def test_job_fails_on_a_config_error(job_cluster, tmp_path):
+    from ray.job_submission import JobStatus
+
+    job_id = _submit(job_cluster, f"python jobs/cluster_archive.py --config jobs/configs/laptop.yaml "
+                                  f"--output {tmp_path} --set cluster.bogus=1")
+    status, logs = _wait(job_cluster, job_id, timeout=120)
+    assert status == JobStatus.FAILED, logs
+    assert "unknown config key(s) cluster.bogus" in logs
+
+
+@pytest.mark.slow
+def test_recluster_reuses_the_cache_and_updates_latest(ray_session, bad_archive, tmp_path, capsys):
+    import recluster
+
+    archive, out = tmp_path / "archive", tmp_path / "runs"
+    archive.mkdir()
+    src = Path(bad_archive["uri"])
+    for name in ("part-00000.parquet", "part-00001.parquet", "part-00003.parquet"):
+        shutil.copy2(src / name, archive / name)
+    args = ["--input", str(archive), "--output", str(out), "--name", "nightly", "--clusters", "3",
+            "--set", "extract.text.model=none", "--set", "cluster.kmeans.view=image"]
+
+    assert recluster.main(args) == 0
+    first = json.loads((out / "latest.json").read_text())
+    assert first["run"].startswith("nightly-") and first["run"].endswith("Z")
+    assert first["run_uri"] == str(out / first["run"]) and (out / first["run"] / "manifest.json").exists()
+    assert first["features"]["files_extracted"] == 2 and first["features"]["files_cached"] == 0
+    assert first["previous_run_uri"] is None
+    assert first["counts"]["read"] == 60
+
+    time.sleep(1.1)  # run names carry the second
+    shutil.copy2(src / "part-00002.parquet", archive / "part-00002.parquet")  # the archive grew
+    assert recluster.main(args) == 0
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["run"] != first["run"] and latest["previous_run_uri"] == first["run_uri"]
+    assert latest["features"] == {**latest["features"], "files_cached": 2, "files_extracted": 1}
+    assert latest["counts"]["read"] == bad_archive["n_rows"]
+    assert latest["counts"]["assigned"] == latest["metrics"]["n_assigned"]
+    assert "2 file(s) from the cache, 1 extracted" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tune_sweep(ray_session, bad_archive, tmp_path):
+    import tune_sweep
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "extract": {"text": {"model": "none"}, "min_actors": 1, "max_actors": 1},
+        "cluster": {"clusters": 3, "kmeans": {"view": "image"}},
+        "tune": {"name": "t", "search_space": {"cluster.kmeans.nredo": [1, 3]}},
+    }))
+    out = tmp_path / "runs"
+    assert tune_sweep.main(["--config", str(config), "--input", bad_archive["uri"], "--output", str(out)]) == 0
+    [summary] = list(out.glob("tune/t-*/summary.json"))
+    trials = json.loads(summary.read_text())["trials"]
+    assert sorted(t["params"]["cluster.kmeans.nredo"] for t in trials) == [1, 3]
+    assert trials[0]["score"] >= trials[1]["score"]  # best first
+    for t in trials:
+        assert t["score"] == t["nmi"] and -1 <= t["silhouette"] <= 1  # the archive has labels
+        manifest = json.loads((Path(t["run_uri"]) / "manifest.json").read_text())
+        assert manifest["config"]["cluster"]["kmeans"]["nredo"] == t["params"]["cluster.kmeans.nredo"]
+    # The trials share the feature cache: one extracted, the other reused it.
+    extracted = [json.loads((Path(t["run_uri"]) / "manifest.json").read_text())["features"]["files_extracted"]
+                 for t in trials]
+    assert sorted(extracted) == [0, 3]
