@@ -275,7 +275,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
-    state = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
+    state, _ = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
                           run_name=name, has_gpu=has_gpu(), log=log)
     model = make_model(cfg)

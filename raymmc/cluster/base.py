@@ -9,7 +9,7 @@ one process and all-reduce / all-gather under Ray Train (``raymmc.train``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,9 +86,17 @@ LOCAL = GlobalOps()
 
 
 class Clusterer:
-    """Shared estimator interface (scikit-learn style)."""
+    """Shared estimator interface (scikit-learn style).
+
+    Fault tolerance: a trainer may set ``checkpoint_fn`` (called by ``fit`` at safe points, on
+    every worker in lock-step, with a resumable state) and ``resume_state`` (such a state, from
+    which ``fit`` continues instead of starting over). Algorithms that do not checkpoint ignore
+    both and restart from scratch.
+    """
 
     n_clusters: int
+    checkpoint_fn: Callable[[dict[str, Any]], None] | None = None
+    resume_state: dict[str, Any] | None = None
 
     def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "Clusterer":
         raise NotImplementedError

@@ -110,21 +110,40 @@ def _train_loop(loop_cfg: dict) -> None:
 
     model = make_clusterer(loop_cfg["algorithm"], loop_cfg["clusters"], loop_cfg["params"], seed=loop_cfg["seed"],
                            on_epoch=on_epoch, wrap=wrap)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:  # a restarted worker group: continue from the last checkpoint
+        with restored.as_directory() as d:
+            with open(os.path.join(d, "resume.pt"), "rb") as f:
+                model.resume_state = torch.load(io.BytesIO(f.read()), weights_only=False)
+
+    def checkpoint_fn(state: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if ctx.get_world_rank() == 0:
+                with open(os.path.join(tmp, "resume.pt"), "wb") as f:
+                    f.write(_serialize(state))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"phase": "checkpoint", "checkpoint_phase": str(state.get("phase"))}, checkpoint=ckpt)
+
+    model.checkpoint_fn = checkpoint_fn
     model.fit(data, ops)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ctx.get_world_rank() == 0:
             with open(os.path.join(tmp, "state.pt"), "wb") as f:
                 f.write(_serialize(model.state_dict()))
+            with open(os.path.join(tmp, "resume.pt"), "wb") as f:
+                f.write(_serialize({"phase": "done", "model": model.state_dict()}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"phase": "done", "rows": int(table.num_rows)}, checkpoint=checkpoint)
-    del torch  # imported for its side effects on the worker
+        ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None)},
+                         checkpoint=checkpoint)
 
 
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
                   storage_path: str, run_name: str, has_gpu: bool,
-                  log: Callable[[str], None] = print) -> bytes:
-    """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state."""
+                  log: Callable[[str], None] = print) -> tuple[bytes, dict]:
+    """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state
+    and the final report (``resumed`` is 1 when a restarted worker group continued from a checkpoint)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -144,4 +163,4 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         raise RuntimeError(f"training {algorithm} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, "state.pt"), "rb") as f:
-            return f.read()
+            return f.read(), dict(result.metrics or {})

@@ -1,0 +1,236 @@
+"""Clustering quality on a labelled image-caption feature set, laid out like Table II of the
+JECL paper: ACC / NMI / ARI, mean ± std over seeds, for
+
+* k-means on image, text and concatenated (each L2-normalised) features;
+* DEC on image and on text features;
+* DM2C on the mixed-modal protocol (each item keeps its image or its caption, at random);
+* JECL and its ablations (no alignment loss, no regulariser, neither; no cluster matching);
+* JECL with 25 / 50 / 75 % of the captions removed (a seeded random subset per seed).
+
+Example::
+
+    python benchmarks/quality.py --features /work/feat/tuxpaint.npz --seeds 5
+    python benchmarks/quality.py --features F.npz --methods jecl jecl-missing50 --jecl-config '{"lam": 0.5}'
+
+Every run of a method uses ``seed`` for its own randomness and the protocols use ``seed`` too, so
+a row is reproducible; no method sees the labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raymmc.cluster.base import MultiViewData  # noqa: E402
+from raymmc.cluster.dec import PAPER_AE  # noqa: E402
+from raymmc.cluster.protocols import drop_captions, load_features_npz, mixed_modal  # noqa: E402
+from raymmc.cluster.registry import available, make_clusterer  # noqa: E402
+
+try:
+    from raymmc.report.metrics import evaluate
+except ImportError:  # pragma: no cover -- before raymmc.report.metrics existed
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from scipy.optimize import linear_sum_assignment
+
+    def evaluate(y_true, y_pred):
+        t = np.unique(y_true, return_inverse=True)[1]
+        p = np.unique(y_pred, return_inverse=True)[1]
+        c = np.zeros((p.max() + 1, t.max() + 1))
+        np.add.at(c, (p, t), 1)
+        r, cc = linear_sum_assignment(-c)
+        return {"acc": c[r, cc].sum() / len(t), "nmi": normalized_mutual_info_score(t, p),
+                "ari": adjusted_rand_score(t, p)}
+
+
+@dataclass
+class Method:
+    name: str
+    group: str
+    algorithm: str
+    config: dict = field(default_factory=dict)
+    protocol: Callable[[MultiViewData, int], MultiViewData] | None = None
+    note: str = ""
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_methods(jecl_cfg: dict, dec_cfg: dict, dm2c_cfg: dict) -> list[Method]:
+    def missing(frac: float):
+        return lambda d, s: drop_captions(d, frac, seed=s)
+
+    m = [
+        Method("kmeans-image", "Single-view (image)", "kmeans", {"view": "image"}),
+        Method("dec-image", "Single-view (image)", "dec", deep_update(dec_cfg, {"view": "image"})),
+        Method("kmeans-text", "Single-view (text)", "kmeans", {"view": "text"}),
+        Method("dec-text", "Single-view (text)", "dec", deep_update(dec_cfg, {"view": "text"})),
+        Method("kmeans-concat", "Concatenation of both views", "kmeans", {"view": "concat"}),
+        Method("dec-concat", "Concatenation of both views", "dec", deep_update(dec_cfg, {"view": "concat"})),
+        Method("kmeans-concat-missing50", "Concatenation of both views", "kmeans", {"view": "concat"},
+               missing(0.5), "50% captions removed"),
+        Method("dm2c-mixed", "Mixed-modal (one view per item)", "dm2c", dm2c_cfg,
+               lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
+        Method("kmeans-concat-mixed", "Mixed-modal (one view per item)", "kmeans", {"view": "concat"},
+               lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
+        Method("jecl", "JECL", "jecl", jecl_cfg),
+        Method("jecl-noalign", "JECL", "jecl", deep_update(jecl_cfg, {"align": False}), note="w/o alignment"),
+        Method("jecl-noreg", "JECL", "jecl", deep_update(jecl_cfg, {"regularize": False}), note="w/o regularizer"),
+        Method("jecl-neither", "JECL", "jecl", deep_update(jecl_cfg, {"align": False, "regularize": False}),
+               note="w/o alignment & regularizer"),
+        Method("jecl-nomatch", "JECL", "jecl", deep_update(jecl_cfg, {"match_clusters": False, "init_mode": "per_view"}),
+               note="per-view init without Hungarian matching"),
+    ]
+    m.append(Method("jecl-lam0.5", "JECL", "jecl", deep_update(jecl_cfg, {"lam": 0.5}), note="the paper's lam = 0.5"))
+    m.append(Method("jecl-paper-ae", "JECL", "jecl",
+                    deep_update(jecl_cfg, {"image_ae": dict(PAPER_AE), "text_ae": dict(PAPER_AE)}),
+                    note="DEC's d-500-500-2000-10 autoencoders"))
+    m.append(Method("dec-image-paper-ae", "Single-view (image)", "dec",
+                    deep_update(dec_cfg, {"view": "image", "ae": dict(PAPER_AE)}), note="d-500-500-2000-10"))
+    m.append(Method("dec-text-paper-ae", "Single-view (text)", "dec",
+                    deep_update(dec_cfg, {"view": "text", "ae": dict(PAPER_AE)}), note="d-500-500-2000-10"))
+    for frac in (0.25, 0.5, 0.75):
+        pct = int(frac * 100)
+        m.append(Method(f"jecl-missing{pct}", "JECL, missing captions", "jecl", jecl_cfg, missing(frac),
+                        f"{pct}% captions removed"))
+    return m
+
+
+DEFAULT = ["kmeans-image", "dec-image", "kmeans-text", "dec-text", "kmeans-concat", "kmeans-concat-missing50",
+           "dm2c-mixed", "kmeans-concat-mixed", "jecl", "jecl-noalign", "jecl-noreg", "jecl-neither",
+           "jecl-nomatch", "jecl-lam0.5", "jecl-missing25", "jecl-missing50", "jecl-missing75"]
+
+
+def fit_score(method: Method, data: MultiViewData, labels: np.ndarray, k: int, seed: int) -> tuple[list, float]:
+    d = method.protocol(data, seed) if method.protocol else data
+    t0 = time.time()
+    est = make_clusterer(method.algorithm, k, method.config, seed=seed)
+    pred = est.fit(d).predict(d)
+    seconds = time.time() - t0
+    e = evaluate(labels, pred)
+    return [e["acc"], e["nmi"], e["ari"]], seconds
+
+
+def summarize(method: Method, seeds: list[int], scores: list, seconds: list) -> dict[str, Any]:
+    s = np.asarray(scores)
+    return {"name": method.name, "group": method.group, "note": method.note, "seeds": seeds,
+            "acc": s[:, 0].tolist(), "nmi": s[:, 1].tolist(), "ari": s[:, 2].tolist(),
+            "mean": s.mean(0).tolist(), "std": s.std(0).tolist(), "seconds": float(np.mean(seconds))}
+
+
+def _worker_task(task: tuple) -> tuple[str, int, list, float]:
+    """One (method, seed) fit in a worker process (the methods are rebuilt there: their
+    protocols are closures)."""
+    features, cfgs, name, k, seed, threads = task
+    import torch
+
+    torch.set_num_threads(threads)
+    data, labels = load_features_npz(features)
+    method = {m.name: m for m in build_methods(*cfgs)}[name]
+    score, sec = fit_score(method, data, labels, k, seed)
+    return name, seed, score, sec
+
+
+def _log(name: str, seed: int, score: list, sec: float) -> None:
+    print(f"  {name} seed {seed}: ACC {score[0]:.3f} NMI {score[1]:.3f} ARI {score[2]:.3f} ({sec:.1f}s)",
+          file=sys.stderr, flush=True)
+
+
+def format_table(rows: list[dict], title: str) -> str:
+    out = [f"### {title}", "", "| method | ACC | NMI | ARI | s/run | note |", "|---|---|---|---|---|---|"]
+    group = None
+    for r in rows:
+        if r["group"] != group:
+            group = r["group"]
+            out.append(f"| *{group}* | | | | | |")
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(r["mean"], r["std"])]
+        out.append(f"| {r['name']} | {' | '.join(cells)} | {r['seconds']:.1f} | {r['note']} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", required=True, help=".npz with image, text, labels (ids optional)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="method names (default: the Table II set); 'all' for every method")
+    ap.add_argument("--k", type=int, default=None, help="number of clusters (default: number of labels)")
+    ap.add_argument("--jecl-config", default="{}", help="JSON overrides of JECLConfig")
+    ap.add_argument("--dec-config", default="{}", help="JSON overrides of DECConfig")
+    ap.add_argument("--dm2c-config", default="{}", help="JSON overrides of DM2CConfig")
+    ap.add_argument("--json", default=None, help="also write the per-seed results here")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per fit (0 = torch's default in-process, 1 in --jobs workers)")
+    ap.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes (one per (method, seed))")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data, labels = load_features_npz(args.features)
+    if labels is None:
+        ap.error(f"{args.features} has no 'labels' array")
+    k = args.k or len(np.unique(labels))
+    methods = build_methods(json.loads(args.jecl_config), json.loads(args.dec_config), json.loads(args.dm2c_config))
+    by_name = {m.name: m for m in methods}
+    names = DEFAULT if not args.methods else ([m.name for m in methods] if args.methods == ["all"] else args.methods)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; known: {list(by_name)}")
+    have = set(available())
+    selected = []
+    for name in names:
+        if by_name[name].algorithm not in have:
+            print(f"skipping {name}: raymmc.cluster.{by_name[name].algorithm} is not available", file=sys.stderr)
+        else:
+            selected.append(by_name[name])
+    seeds = list(range(args.seeds))
+    results: dict[str, dict[int, tuple[list, float]]] = {m.name: {} for m in selected}
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        cfgs = (json.loads(args.jecl_config), json.loads(args.dec_config), json.loads(args.dm2c_config))
+        tasks = [(args.features, cfgs, m.name, k, s, args.threads or 1) for m in selected for s in seeds]
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for name, seed, score, sec in pool.map(_worker_task, tasks):
+                results[name][seed] = (score, sec)
+                if not args.quiet:
+                    _log(name, seed, score, sec)
+    else:
+        for m in selected:
+            for seed in seeds:
+                score, sec = fit_score(m, data, labels, k, seed)
+                results[m.name][seed] = (score, sec)
+                if not args.quiet:
+                    _log(m.name, seed, score, sec)
+    rows = [summarize(m, seeds, [results[m.name][s][0] for s in seeds], [results[m.name][s][1] for s in seeds])
+            for m in selected]
+    title = (f"{Path(args.features).name}: {len(labels)} items, k = {k}, {args.seeds} seeds (mean ± std), "
+             f"captioned {int(data.has_text.sum())}")
+    print(format_table(rows, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"features": args.features, "k": k, "rows": rows,
+                                               "jecl_config": json.loads(args.jecl_config)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Small fully connected networks for feature-level deep clustering (DEC, JECL) and the
+device / seeding helpers they share.
+
+Model construction is kept apart from the training loops (``raymmc.cluster.dec`` /
+``raymmc.cluster.jecl``): a loop receives modules that a caller may have wrapped (e.g. DDP via
+Ray Train's ``prepare_model``), so every module's ``forward`` returns all the tensors a loss needs.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Wrap = Callable[[nn.Module], nn.Module]
+
+
+def identity_wrap(module: nn.Module) -> nn.Module:
+    return module
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda if available, else cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def mlp(dims: Sequence[int], activation: str = "relu", last_activation: bool = False,
+        dropout: float = 0.0, batch_norm: bool = False) -> nn.Sequential:
+    """Linear layers ``dims[0] -> dims[1] -> ... -> dims[-1]``; activation after every layer but
+    the last (unless ``last_activation``)."""
+    act = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "elu": nn.ELU, "tanh": nn.Tanh}[activation]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        last = i == len(dims) - 2
+        if not last or last_activation:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(act())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _dec_init(module: nn.Module, std: float | None) -> None:
+    """DEC's reference init draws weights from N(0, 0.01^2); ``None`` keeps PyTorch's default."""
+    if std is None:
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+
+
+class AutoEncoder(nn.Module):
+    """Fully connected autoencoder ``d -> hidden... -> latent -> ...hidden -> d`` (mirrored).
+
+    ``forward(x)`` returns ``(z, x_reconstructed)``; ``noise`` (training mode only) corrupts the
+    input first: masking dropout of that rate (DEC's denoising AE used 0.2).
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (500, 500, 2000), latent: int = 10,
+                 activation: str = "relu", noise: float = 0.0, init_std: float | None = None):
+        super().__init__()
+        dims = [in_dim, *hidden, latent]
+        self.encoder = mlp(dims, activation)
+        self.decoder = mlp(dims[::-1], activation)
+        self.noise = float(noise)
+        self.in_dim, self.latent = in_dim, latent
+        _dec_init(self, init_std)
+
+    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.noise > 0:
+            return nn.functional.dropout(x, self.noise, training=True) * (1.0 - self.noise)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(self.corrupt(x))
+        return z, self.decoder(z)
+
+
+class ClusteringHead(nn.Module):
+    """An encoder plus K trainable centroids: ``forward(x) -> (z, q)`` with DEC's Student-t q."""
+
+    def __init__(self, encoder: nn.Module, centroids: torch.Tensor, alpha: float = 1.0):
+        super().__init__()
+        from raymmc.cluster.losses import student_t_soft_assign
+
+        self._soft = student_t_soft_assign
+        self.encoder = encoder
+        self.centroids = nn.Parameter(centroids.clone().float())
+        self.alpha = float(alpha)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self._soft(z, self.centroids, self.alpha)
+
+
+class TwoViewAutoEncoder(nn.Module):
+    """Image and text autoencoders in one module (one DDP wrapper, one forward for both views)."""
+
+    def __init__(self, image: AutoEncoder, text: AutoEncoder):
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        z, xr = self.image(x)
+        v, tr = self.text(t)
+        return z, xr, v, tr
+
+
+class TwoViewClusteringNet(nn.Module):
+    """JECL's clustering network: image encoder + mu, text encoder + nu.
+    ``forward(x, t) -> (z, q, v, r)``."""
+
+    def __init__(self, image: ClusteringHead, text: ClusteringHead):
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        z, q = self.image(x)
+        v, r = self.text(t)
+        return z, q, v, r
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)

@@ -1,0 +1,96 @@
+"""Data-parallel training under Ray Train's TorchTrainer: the distributed math equals the
+single-process math, and a killed worker resumes from its checkpoint."""
+
+import io
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score as nmi
+
+from raymmc.cluster.registry import make_clusterer
+from raymmc.train.trainer import TrainConfig, fit_ray_train, table_to_multiview
+
+pytestmark = pytest.mark.slow
+
+PARAMS = {"image_ae": {"epochs": 15, "hidden": [64], "latent": 8}, "text_ae": {"epochs": 15, "hidden": [64], "latent": 8},
+          "cluster": {"max_iter": 400, "update_interval": 10, "checkpoint_every": 2, "batch_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def features():
+    """Paired two-view features of 5 well-separated clusters, 20% of captions missing."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 5
+    y = np.arange(n) % k
+    img = rng.normal(size=(k, 48))[y] * 3 + rng.normal(size=(n, 48))
+    txt = rng.normal(size=(k, 24))[y] * 3 + rng.normal(size=(n, 24))
+    has_text = rng.random(n) > 0.2
+    txt[~has_text] = 0
+    table = pa.table({
+        "id": [f"i{i}" for i in range(n)],
+        "image_feat": pa.FixedSizeListArray.from_arrays(pa.array(img.astype(np.float32).ravel()), 48),
+        "text_feat": pa.FixedSizeListArray.from_arrays(pa.array(txt.astype(np.float32).ravel()), 24),
+        "has_image": np.ones(n, bool), "has_text": has_text, "index": np.arange(n),
+    })
+    return table, y
+
+
+def _fit(ray_session, table, workers, tmp_path, name):
+    state, report = fit_ray_train(ray_session.data.from_arrow(table).materialize(), algorithm="jecl", clusters=5,
+                                  params=PARAMS, seed=0, train=TrainConfig(workers=workers, max_failures=2),
+                                  storage_path=str(tmp_path), run_name=name, has_gpu=False)
+    model = make_clusterer("jecl", 5, PARAMS)
+    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+    return model.predict(table_to_multiview(table)), report
+
+
+def test_one_and_two_workers_agree(ray_session, features, tmp_path):
+    table, y = features
+    local = make_clusterer("jecl", 5, PARAMS, seed=0).fit(table_to_multiview(table)).predict(table_to_multiview(table))
+    one, _ = _fit(ray_session, table, 1, tmp_path, "w1")
+    two, _ = _fit(ray_session, table, 2, tmp_path, "w2")
+    assert nmi(y, local) > 0.95  # the data are separable: the math must find them
+    assert nmi(one, two) >= 0.98
+    assert nmi(local, two) >= 0.98
+
+
+def _train_workers() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
+    table, y = features
+    result: dict = {}
+
+    def train():
+        try:
+            result["labels"], result["report"] = _fit(ray_session, table, 2, tmp_path, "kill")
+        except Exception as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    run_dir = tmp_path / "kill"
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        # Kill once a second checkpoint is being written: the first is then fully registered.
+        if run_dir.exists() and sum(p.name.startswith("checkpoint") for p in run_dir.rglob("*") if p.is_dir()) >= 2:
+            workers = _train_workers()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(600)
+    assert killed is not None, "no checkpoint appeared before training ended"
+    assert "error" not in result, result.get("error")
+    assert result["report"]["resumed"] == 1  # the restarted workers continued from the checkpoint
+    assert nmi(y, result["labels"]) > 0.9
