@@ -7,9 +7,9 @@ JECL paper: ACC / NMI / ARI, mean ± std over seeds, for
 * JECL and its ablations (no alignment loss, no regulariser, neither; no cluster matching);
 * JECL with 25 / 50 / 75 % of the captions removed (a seeded random subset per seed).
 
-Example::
+Example (features of the demo run: `make demo` first, or any `raymmc run` directory)::
 
-    python benchmarks/quality.py --features /work/feat/tuxpaint.npz --seeds 5
+    python benchmarks/quality.py --features runs/<kmeans-run> --seeds 5
     python benchmarks/quality.py --features F.npz --methods jecl jecl-missing50 --jecl-config '{"lam": 0.5}'
 
 Every run of a method uses ``seed`` for its own randomness and the protocols use ``seed`` too, so
@@ -33,6 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raymmc.cluster.base import MultiViewData  # noqa: E402
 from raymmc.cluster.dec import PAPER_AE  # noqa: E402
 from raymmc.cluster.protocols import drop_captions, load_features_npz, mixed_modal  # noqa: E402
+
+
+def load_any(path: str):
+    """An .npz of features, or the run directory of a `raymmc run` (its cached features)."""
+    if str(path).endswith(".npz"):
+        return load_features_npz(path)
+    from raymmc.pipeline import load_run_features
+
+    return load_run_features(path)
 from raymmc.cluster.registry import available, make_clusterer  # noqa: E402
 
 try:
@@ -140,7 +149,7 @@ def _worker_task(task: tuple) -> tuple[str, int, list, float]:
     import torch
 
     torch.set_num_threads(threads)
-    data, labels = load_features_npz(features)
+    data, labels = load_any(features)
     method = {m.name: m for m in build_methods(*cfgs)}[name]
     score, sec = fit_score(method, data, labels, k, seed)
     return name, seed, score, sec
@@ -165,7 +174,8 @@ def format_table(rows: list[dict], title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--features", required=True, help=".npz with image, text, labels (ids optional)")
+    ap.add_argument("--features", required=True,
+                    help="a run directory of `raymmc run` (e.g. runs/kmeans-...), or an .npz with image, text, labels")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     ap.add_argument("--methods", nargs="*", default=None,
                     help="method names (default: the Table II set); 'all' for every method")
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    data, labels = load_features_npz(args.features)
+    data, labels = load_any(args.features)
     if labels is None:
         ap.error(f"{args.features} has no 'labels' array")
     k = args.k or len(np.unique(labels))

@@ -356,3 +356,15 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     _, metrics = write_results(rundir, prep, soft)
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run)
     return RunResult(rundir.uri, metrics, manifest)
+
+
+def load_run_features(run_uri: str, options: StorageOptions | None = None) -> tuple[MultiViewData, np.ndarray]:
+    """A finished run's clustered items as ``(MultiViewData, labels)``: its cached features
+    less its rejects, in assignment order (for benchmarks and notebooks)."""
+    rundir = RunDir(run_uri, options)
+    table = load_features(rundir.read_json("features.json")["dirs"], options)
+    rejects = rundir.read_table("rejects")
+    drop = set(zip(rejects.column("source").to_pylist(), rejects.column("row").to_pylist()))
+    keep = [(s, r) not in drop for s, r in zip(table.column("source").to_pylist(), table.column("row").to_pylist())]
+    table = table.filter(pa.array(keep))
+    return table_to_multiview(table), np.array(table.column("label").to_pylist(), dtype=object)
