@@ -31,6 +31,7 @@ from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
 from raymmc.cluster.kmeans import kmeans
 from raymmc.cluster.losses import global_soft_frequency, kl_div, label_change_fraction, target_distribution
 from raymmc.cluster.nets import AutoEncoder, ClusteringHead, Wrap, identity_wrap, resolve_device, seed_everything, unwrap
+from raymmc.typed import from_dict
 
 Callback = Callable[[dict], None]
 
@@ -109,27 +110,15 @@ class DECConfig:
 
 
 def config_from_dict(cls, d: dict | Any | None):
-    """Build a (nested) config dataclass from a plain dict (unknown keys raise); pass through
-    instances of ``cls``; ``None`` gives the defaults."""
+    """Build a (nested) config dataclass from a plain dict (unknown keys and wrong types raise);
+    pass through instances of ``cls``; ``None`` gives the defaults."""
     if d is None:
         return cls()
     if isinstance(d, cls):
         return d
     if dataclasses.is_dataclass(d):
         d = dataclasses.asdict(d)
-    kwargs = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in dict(d).items():
-        if key not in fields:
-            raise ValueError(f"unknown {cls.__name__} option {key!r}; known: {sorted(fields)}")
-        f = fields[key]
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            value = config_from_dict(type(sub), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+    return from_dict(cls, dict(d))
 
 
 def config_to_dict(cfg) -> dict:
