@@ -38,10 +38,13 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raymmc.pipeline import run
+    from raymmc.pipeline import resume, run
 
-    cfg = load_config(args.config, args.overrides, cli_values(args))
-    result = run(cfg)
+    if args.resume:
+        result = resume(args.resume)
+    else:
+        cfg = load_config(args.config, args.overrides, cli_values(args))
+        result = run(cfg)
     print(f"\nrun directory: {result.run_uri}")
     m = result.metrics
     if "nmi" in m:
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="cluster an archive (no --input: the demo data set)")
     add_run_args(p_run)
+    p_run.add_argument("--resume", metavar="RUN", help="continue an interrupted run directory with its own config")
     p_run.set_defaults(func=cmd_run)
 
     p_ex = sub.add_parser("extract", help="extract features only (into --output, the feature cache)")

@@ -259,7 +259,8 @@ def load_model(rundir: RunDir, cfg: RunConfig):
     return model
 
 
-def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None]):
+def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
+              resuming: bool = False):
     """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
     import io
 
@@ -270,20 +271,20 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
 
     c = cfg.cluster
     if not use_ray_train(c.train, c.algorithm):
-        return make_model(cfg).fit(usable_features(prep, cfg))
+        return make_model(cfg).fit(usable_features(prep, cfg)), {}
     storage_path = c.train.storage_path or rundir.path("train")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
-    state, _ = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
+    state, report = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
-                          run_name=name, has_gpu=has_gpu(), log=log)
+                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log)
     model = make_model(cfg)
     model.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
-    return model
+    return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
+def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = False) -> RunResult:
     """`raymmc run`: cluster an archive and write a run directory."""
     import dataclasses
 
@@ -301,14 +302,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work
     name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
+    cfg = dataclasses.replace(cfg, input=input_uri, run_name=name)
     rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
+    # Written first, so that an interrupted run can be resumed (`raymmc run --resume`).
+    rundir.write_json("config.json", cfg.to_dict())
 
     prep = prepare(cfg, input_uri, rundir, timer, log)
     if prep.usable.num_rows < cfg.cluster.clusters:
         raise ValueError(f"only {prep.usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
                          f"see {rundir.path('rejects')}")
     with timer("cluster"):
-        model = fit_model(cfg, prep, rundir, name, log)
+        model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming)
         data = usable_features(prep, cfg)
         soft = model.soft_assign(data)
     save_model(rundir, model)
@@ -320,6 +324,25 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunResult:
         log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)
     return RunResult(rundir.uri, metrics, manifest)
+
+
+def resume(run_uri: str, storage_options: StorageOptions | None = None,
+           log: Callable[[str], None] = print) -> RunResult:
+    """`raymmc run --resume RUN`: continue an interrupted run with its own config. Finished
+    feature files come from the cache; Ray Train restores the last checkpoint of the same run."""
+    from raymmc.config import from_dict
+
+    rundir = RunDir(run_uri, storage_options)
+    cfg = from_dict(RunConfig, rundir.read_json("config.json"))
+    expected = storage.join(cfg.output, cfg.run_name)
+    if storage.is_remote(run_uri):
+        same = expected.rstrip("/") == run_uri.rstrip("/")
+    else:
+        same = os.path.abspath(expected) == os.path.abspath(run_uri)
+    if not same:
+        raise ValueError(f"{run_uri} was written as {expected}; resume it from there")
+    log(f"resuming {run_uri}")
+    return run(cfg, log, resuming=True)
 
 
 def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,

@@ -94,3 +94,41 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
     assert "error" not in result, result.get("error")
     assert result["report"]["resumed"] == 1  # the restarted workers continued from the checkpoint
     assert nmi(y, result["labels"]) > 0.9
+
+
+def test_interrupted_run_resumes(ray_session, bad_archive, tmp_path):
+    """`raymmc run` killed during training; `raymmc run --resume RUN` continues from the checkpoint."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from raymmc.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf", "ray.num_cpus=2",
+            "cluster.params.jecl.cluster.max_iter=600", "cluster.params.jecl.cluster.checkpoint_every=1",
+            "cluster.params.jecl.image_ae.epochs=20", "cluster.params.jecl.text_ae.epochs=20",
+            "cluster.params.jecl.cluster.tol=0", "report=false"]
+    cmd = [sys.executable, "-m", "raymmc.cli", "run", "--input", bad_archive["uri"], "--output", str(tmp_path),
+           "--run-name", "r"] + [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    train_dir = tmp_path / "r" / "train" / "r"
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(train_dir.glob("checkpoint_*/resume.pt"))) >= 2:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+        proc.wait(30)
+    assert not (tmp_path / "r" / "manifest.json").exists()
+
+    assert main(["run", "--resume", str(tmp_path / "r")]) == 0
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["train"]["resumed"] == 1
+    assert manifest["counts"]["read"] == manifest["counts"]["assigned"] + manifest["counts"]["rejected"]
+    assert manifest["features"]["files_extracted"] == 0  # features came from the cache

@@ -110,7 +110,11 @@ def _train_loop(loop_cfg: dict) -> None:
 
     model = make_clusterer(loop_cfg["algorithm"], loop_cfg["clusters"], loop_cfg["params"], seed=loop_cfg["seed"],
                            on_epoch=on_epoch, wrap=wrap)
+    # A restarted worker group gets this run's last checkpoint; `raymmc run --resume` passes the
+    # interrupted run's (Train V2 has no resume_from_checkpoint).
     restored = ray.train.get_checkpoint()
+    if restored is None and loop_cfg.get("resume_from"):
+        restored = ray.train.Checkpoint(loop_cfg["resume_from"])
     if restored is not None:  # a restarted worker group: continue from the last checkpoint
         with restored.as_directory() as d:
             with open(os.path.join(d, "resume.pt"), "rb") as f:
@@ -139,19 +143,42 @@ def _train_loop(loop_cfg: dict) -> None:
                          checkpoint=checkpoint)
 
 
+def latest_checkpoint(storage_path: str, run_name: str):
+    """The newest complete checkpoint of a Ray Train run (its directories sort by time), or None."""
+    from ray.train import Checkpoint
+
+    from raymmc.io import storage
+
+    root = storage.join(storage_path, run_name)
+    if not storage.exists(root):
+        return None
+    dirs = sorted({f.path.rsplit("/", 2)[-2] for f in storage.list_files(root, "resume.pt")})
+    return Checkpoint(storage.join(root, dirs[-1])) if dirs else None
+
+
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
-                  storage_path: str, run_name: str, has_gpu: bool,
+                  storage_path: str, run_name: str, has_gpu: bool, resume: bool = False,
                   log: Callable[[str], None] = print) -> tuple[bytes, dict]:
     """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state
-    and the final report (``resumed`` is 1 when a restarted worker group continued from a checkpoint)."""
+    and the final report (``resumed`` is 1 when the workers continued from a checkpoint).
+    ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
+    the same name are removed first (they belong to another configuration)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from raymmc.io import storage
+
+    start = latest_checkpoint(storage_path, run_name) if resume else None
+    if not resume:
+        storage.delete_dir(storage.join(storage_path, run_name))
+    if start is not None:
+        log(f"train: resuming from {start.path}")
 
     use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
-                           "report_every": train.report_every},
+                           "report_every": train.report_every, "resume_from": start.path if start else None},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=storage_path,
