@@ -16,6 +16,7 @@ from raymmc.config import load_config
 from raymmc.features.extract import _complete, feature_matrix, fingerprint, load_features, run_extraction
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
+from raymmc.pipeline import used_modalities
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -23,23 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory, tux_items):
-    """64 real tuxpaint items in 8 shards of 8."""
+    """128 real tuxpaint items in 16 shards of 8."""
     import pyarrow as pa
 
     from raymmc.io.shards import SCHEMA
 
-    root = tmp_path_factory.mktemp("shards12")
-    n = 64
+    root = tmp_path_factory.mktemp("shards16")
+    n = 128
     table = pa.table({"id": tux_items.ids[:n], "image": tux_items.images[:n], "caption": tux_items.captions[:n],
                       "label": tux_items.labels[:n]}, schema=SCHEMA)
-    for i in range(8):
+    for i in range(16):
         pq.write_table(table.slice(i * 8, 8), root / f"part-{i:05d}.parquet")
     return str(root)
 
 
 def _extract(shards, cache, cfg):
     return run_extraction(shards, cache, extract_cfg=cfg.extract, seed=cfg.seed, storage=StorageOptions(),
-                          has_gpu=False, log=lambda _: None)
+                          has_gpu=False, log=lambda _: None, modalities=used_modalities(cfg))
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -49,18 +50,20 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
-    cfg = load_config(overrides=["extract.text.model=tfidf", "extract.decode_batch_size=8",
-                                 "extract.image.batch_size=8"])
+    # Image features only: on 2 CPUs a second (text) actor would hold the CPU the decode and
+    # write tasks need, and the output would land all at once instead of file by file.
+    sets = ["extract.text.model=none", "extract.decode_batch_size=8", "extract.image.batch_size=8",
+            "cluster.kmeans.view=image"]
+    cfg = load_config(overrides=sets)
     shards = discover(many_shards)
     cache = str(tmp_path / "cache")
-    root = f"{cache}/{fingerprint(cfg.extract, shards, cfg.seed, frozenset({'image', 'text'}))}"
+    root = f"{cache}/{fingerprint(cfg.extract, shards, cfg.seed, used_modalities(cfg))}"
 
     env = {**os.environ, "RAY_ADDRESS": "", "RAYMMC_PROGRESS": "0"}
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raymmc.cli", "extract", "--input", many_shards, "--output", cache,
-         "--set", "extract.text.model=tfidf", "--set", "extract.decode_batch_size=8",
-         "--set", "extract.image.batch_size=8", "--set", "ray.num_cpus=2"],
+         "--set", "ray.num_cpus=2"] + [a for s in sets for a in ("--set", s)],
         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
@@ -88,8 +91,6 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     assert resumed.column("id").to_pylist() == clean.column("id").to_pylist() == [
         i for s in shards for i in pq.read_table(s.path, columns=["id"]).column("id").to_pylist()]
     np.testing.assert_allclose(feature_matrix(resumed, "image_feat"), feature_matrix(clean, "image_feat"),
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(feature_matrix(resumed, "text_feat"), feature_matrix(clean, "text_feat"),
                                rtol=1e-4, atol=1e-5)
 
     # A third run extracts nothing.
