@@ -24,6 +24,17 @@ for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY",
     os.environ.setdefault(_key, _value)
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Small models: one intra-op thread is faster than contended threads and keeps timings steady."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local 2-CPU Ray cluster on 127.0.0.1 shared by the whole test run."""

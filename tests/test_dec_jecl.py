@@ -19,12 +19,7 @@ SMALL = {"image_ae": SMALL_AE, "text_ae": SMALL_AE, "init": {"nredo": 3},
          "cluster": {"batch_size": 64, "max_iter": 200}, "device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ from raymmc.cluster.backbones import CifarResNet18, SmallConvNet, build_backbone
 from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.mmdc import (MMDC, GaussianMixtureTargets, MMDCConfig, assign_targets, lloyd,
                                 random_rotation_batch, rotation_batch)
+from raymmc.report.metrics import cluster_acc
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shapes(n_per_class: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,25 +53,6 @@ def tiny_config(**kw) -> MMDCConfig:
 def sorted_rows(t: torch.Tensor) -> np.ndarray:
     a = np.asarray(t, dtype=np.float64)
     return a[np.lexsort(a.T[::-1])]
-
-
-def acc(y: np.ndarray, pred: np.ndarray) -> float:
-    from scipy.optimize import linear_sum_assignment
-
-    k = int(max(y.max(), pred.max())) + 1
-    c = np.zeros((k, k))
-    np.add.at(c, (pred, y), 1)
-    r, col = linear_sum_assignment(-c)
-    return c[r, col].sum() / len(y)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is faster than contended threads and keeps timings steady."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +146,9 @@ def test_backbones_shapes_and_heads():
     assert out.shape == (3, 10)
     np.testing.assert_allclose(out.norm(dim=1).detach().numpy(), 1.0, atol=1e-5)
     assert net(x, head="rotation").shape == (3, 4)
+    small = build_backbone("convnet", 1, 10, head_init="small")
+    assert small.cluster_head.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert not torch.any(small.cluster_head.bias)
     res = build_backbone("resnet18", 3, 12)
     assert isinstance(res, CifarResNet18)
     assert res.trunk.conv1.kernel_size == (3, 3) and res.trunk.conv1.stride == (1, 1)
@@ -174,12 +161,12 @@ def test_backbones_shapes_and_heads():
 def test_tiny_fit_beats_chance_with_refinement():
     x, y = shapes(40, seed=1)
     d = MultiViewData(pixels=x)
-    cfg = tiny_config(epochs=12, batch_size=16, refine_epoch=11, convnet_widths=(16, 32, 32, 32))
+    cfg = tiny_config(epochs=25, batch_size=20, refine_epoch=20, lr=0.1)
     seen: list[dict] = []
     m = MMDC(3, cfg, seed=0, on_epoch=seen.append).fit(d)
     pred = m.predict(d)
-    assert acc(y, pred) > 0.8, acc(y, pred)  # chance is 1/3
-    assert [s["epoch"] for s in seen] == list(range(12)) and seen[-1]["refining"] and not seen[-2]["refining"]
+    assert cluster_acc(y, pred) > 0.75, cluster_acc(y, pred)  # chance is 1/3 (seeds 0-4 measured: 1.0 1.0 1.0 1.0 .8)
+    assert [s["epoch"] for s in seen] == list(range(25)) and seen[20]["refining"] and not seen[19]["refining"]
     assert seen[-1]["loss"] < seen[0]["loss"]
     # after refinement every target is one of the mixture means
     assert set(map(tuple, m.targets.numpy().round(6))) <= set(map(tuple, m.gmm.means.round(6)))
