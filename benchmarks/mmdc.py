@@ -13,6 +13,13 @@ Data (local loaders; the Parquet builders of ``raymmc.datasets`` are wired in el
   (``mkdir -p /tmp/fm && cd /tmp/fm && apt-get download dataset-fashion-mnist && dpkg -x *.deb x``). Train and
   test parts are concatenated (70,000 images); ``--limit N`` keeps a class-stratified random subset of N drawn with
   a fixed seed (0), the same for every run seed.
+
+Measured (CPU only, 1 torch thread per process, 2 cores shared with other jobs, so wall >> CPU time):
+
+* ``--dataset mnist-5k --seeds 5`` (preset ``mnist``): ACC .953 +- .038, NMI .916 +- .027, ARI .916 +- .044
+  (seeds 0-4: .974 .972 .877 .964 .975), 236 +- 8 s CPU per seed. Seed 2 ends in a merge/split optimum.
+* ``--dataset fashion-mnist --limit 10000 --seeds 5`` (preset ``fashion-mnist``, 40 epochs): ACC .624 +- .044,
+  NMI .613 +- .037, ARI .478 +- .053 (seeds 0-4: .655 .631 .677 .609 .549), 634 +- 57 s CPU per seed.
 """
 
 from __future__ import annotations

@@ -146,6 +146,10 @@ def test_backbones_shapes_and_heads():
     assert out.shape == (3, 10)
     np.testing.assert_allclose(out.norm(dim=1).detach().numpy(), 1.0, atol=1e-5)
     assert net(x, head="rotation").shape == (3, 4)
+    assert net.trunk[:-1](x).shape[-2:] == (2, 2)  # ceil-mode pooling: 28-14-7-4-2
+    small = build_backbone("convnet", 1, 10, head_init="small")
+    assert small.cluster_head.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert not torch.any(small.cluster_head.bias)
     res = build_backbone("resnet18", 3, 12)
     assert isinstance(res, CifarResNet18)
     assert res.trunk.conv1.kernel_size == (3, 3) and res.trunk.conv1.stride == (1, 1)
@@ -158,12 +162,14 @@ def test_backbones_shapes_and_heads():
 def test_tiny_fit_beats_chance_with_refinement():
     x, y = shapes(40, seed=1)
     d = MultiViewData(pixels=x)
-    cfg = tiny_config(epochs=12, batch_size=16, refine_epoch=11, convnet_widths=(16, 32, 32, 32))
+    cfg = tiny_config(epochs=25, batch_size=20, refine_epoch=20, lr=0.1)
     seen: list[dict] = []
     m = MMDC(3, cfg, seed=0, on_epoch=seen.append).fit(d)
     pred = m.predict(d)
-    assert cluster_acc(y, pred) > 0.8, cluster_acc(y, pred)  # chance is 1/3
-    assert [s["epoch"] for s in seen] == list(range(12)) and seen[-1]["refining"] and not seen[-2]["refining"]
+    # chance is 1/3; measured for seeds 0-4: 1.0 .8 1.0 1.0 1.0 (with head_init="small": .8 1.0 .67 1.0 .67,
+    # the stalled-head failure that backbones._init_heads describes)
+    assert cluster_acc(y, pred) > 0.75, cluster_acc(y, pred)
+    assert [s["epoch"] for s in seen] == list(range(25)) and seen[20]["refining"] and not seen[19]["refining"]
     assert seen[-1]["loss"] < seen[0]["loss"]
     # after refinement every target is one of the mixture means
     assert set(map(tuple, m.targets.numpy().round(6))) <= set(map(tuple, m.gmm.means.round(6)))
