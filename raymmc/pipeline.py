@@ -224,7 +224,7 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
-                     "files_extracted": stats.files_extracted},
+                     "files_extracted": stats.files_extracted, "stages": stats.stages},
         "counts": {
             "read": stats.rows, "assigned": int(prep.usable.num_rows), "rejected": int(prep.rejects.num_rows),
             "duplicates": prep.duplicates, "missing_id": prep.missing_id, "with_image": stats.with_image,

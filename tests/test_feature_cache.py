@@ -14,7 +14,7 @@ import pytest
 
 from raymmc.config import load_config
 from raymmc.features.extract import (ShardDatasource, _complete, feature_matrix, fingerprint, load_features,
-                                     run_extraction)
+                                     run_extraction, stage_times)
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import used_modalities
@@ -82,6 +82,11 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     dirs, stats = _extract(shards, cache, cfg)
     assert stats.files_cached == len(done_before)
     assert stats.files_extracted == len(shards) - len(done_before)
+    # A summary per stage of the job, over the rows of the files extracted this time.
+    names = [st["stage"] for st in stats.stages]
+    assert any("decode_batch" in n for n in names) and any("ImageEmbedder" in n for n in names), names
+    todo_rows = sum(s.rows for s in shards if s not in done_before)
+    assert all(st["rows"] == todo_rows and st["seconds"] > 0 for st in stats.stages)
     # Finished files were not extracted again: their feature files are untouched.
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert all(_complete(root, s, None) for s in shards)
@@ -96,7 +101,21 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
 
     # A third run extracts nothing.
     _, again = _extract(shards, cache, cfg)
-    assert again.files_extracted == 0 and again.files_cached == len(shards)
+    assert again.files_extracted == 0 and again.files_cached == len(shards) and again.stages == []
+
+
+def test_stage_times_from_ray_data_stats():
+    text = (
+        "Operator 0 Input: 0 tasks executed, 0 blocks produced in 0s\n"
+        "Operator 1 ReadShard->MapBatches(decode_batch): 8 tasks executed, 8 blocks produced in 2.5s\n"
+        "* Remote wall time: 85.91ms min, 669.14ms max, 195.1ms mean, 1.56s total\n"
+        "Operator 2 MapBatches(ImageEmbedder): 8 tasks executed, 8 blocks produced in 12.8s\n")
+    stages = stage_times(text, 512)
+    assert [st["stage"] for st in stages] == ["Input", "ReadShard->MapBatches(decode_batch)",
+                                              "MapBatches(ImageEmbedder)"]
+    assert stages[0]["items_per_s"] is None  # 0 s: no rate rather than a division by zero
+    assert stages[1]["items_per_s"] == pytest.approx(512 / 2.5) and stages[2]["seconds"] == 12.8
+    assert stage_times("a format this parser does not know", 10) == []
 
 
 def test_one_read_task_per_file_with_provenance(many_shards):

@@ -11,6 +11,7 @@ saying why a modality was dropped; deciding what is rejected happens downstream.
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -62,6 +63,23 @@ class ExtractStats:
     cache: str = ""
     text_encoder: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] = field(default_factory=dict)
+    # Per Ray Data stage of this run's job: name, rows, seconds from its first task's start to its last's end.
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+_STAGE_LINE = re.compile(r"^Operator \d+ (?P<name>.+?): \d+ tasks executed, \d+ blocks produced in (?P<s>[\d.]+)s",
+                         re.MULTILINE)
+
+
+def stage_times(ray_stats: str, rows: int) -> list[dict[str, Any]]:
+    """Stages and their durations from Ray Data's stats text (every stage here is one row in, one row out).
+    Empty where the text does not have the expected form (the figures are a report, never an input)."""
+    out = []
+    for m in _STAGE_LINE.finditer(ray_stats):
+        seconds = float(m.group("s"))
+        out.append({"stage": m.group("name"), "rows": rows, "seconds": seconds,
+                    "items_per_s": rows / seconds if seconds > 0 else None})
+    return out
 
 
 # --- stage functions (plain, unit-testable) -----------------------------------------------------
@@ -352,7 +370,8 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         write_bytes(join(root, "text_encoder.pkl"), pickle.dumps(text_encoder), storage)
 
     if todo:
-        _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image, text_encoder)
+        ray_stats = _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image, text_encoder)
+        stats.stages = stage_times(ray_stats, sum(s.rows for s in todo))
     for s in shards:
         if s.rows > 0 and s in todo:
             write_bytes(join(root, s.key, "_DONE.json"),
@@ -374,6 +393,9 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     stats.caption_dropped = sum(1 for v in table.column("caption_note").to_pylist() if v)
     stats.seconds = time.time() - t0
     stats.cache = root
+    for st in stats.stages:
+        rate = f"{st['items_per_s']:.1f} items/s" if st["items_per_s"] else "-"
+        log(f"extract stage {st['stage']}: {st['rows']} rows in {st['seconds']:.1f}s ({rate})")
     log(f"extract: {stats.rows} rows from {len(dirs)} file(s) ({stats.files_cached} cached, "
         f"{stats.files_extracted} extracted) in {stats.seconds:.1f}s; "
         f"{stats.image_dropped} image(s) and {stats.caption_dropped} caption(s) unusable")
@@ -381,8 +403,9 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
 
 
 def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOptions, has_gpu: bool,
-            modalities: frozenset[str], use_image: bool, text_encoder: Any) -> None:
-    """The Ray Data job over the files in ``todo``, writing the feature cache under ``root``."""
+            modalities: frozenset[str], use_image: bool, text_encoder: Any) -> str:
+    """The Ray Data job over the files in ``todo``, writing the feature cache under ``root``; returns Ray
+    Data's stats of the job."""
     import dataclasses
 
     import ray
@@ -430,10 +453,11 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
         ds = ds.map_batches(to_arrow, batch_format="numpy", num_cpus=task_cpus)
         ds = ds.map_batches(write_feature_batch, batch_format="pyarrow", num_cpus=task_cpus,
                             fn_kwargs={"root": root, "keys": {s.uri: s.key for s in todo}, "storage": storage})
-        ds.materialize()
+        done = ds.materialize()
         for s in todo:
             if not _complete(root, s, storage):
                 raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
+        return done.stats()
 
 
 def _drop_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
