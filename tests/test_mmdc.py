@@ -201,6 +201,39 @@ def test_state_dict_round_trip(data, tmp_path):
     assert torch.equal(m2.targets, m.targets) and m2.config == m.config
 
 
+def test_resumed_fit_equals_an_uninterrupted_one(data):
+    d, _ = data
+    cfg = tiny_config(epochs=4, checkpoint_every=2, refine_epoch=3)
+    saved: list[dict] = []
+    full = MMDC(3, cfg, seed=5)
+    full.checkpoint_fn = saved.append
+    full.fit(d)
+    assert [s["epoch"] for s in saved] == [1]  # after epoch 2 of 4; never after the last one
+    # The checkpoint is a copy, not a view of the weights that went on training.
+    assert not torch.equal(saved[0]["model"]["model"]["cluster_head.weight"], full.model.cluster_head.weight)
+
+    resumed = MMDC(3, cfg, seed=5)
+    resumed.resume_state = torch.load(_roundtrip(saved[0]), weights_only=False)  # as the trainer stores it
+    resumed.fit(d)
+    assert torch.equal(resumed.targets, full.targets)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
+    assert {"resumed_at_epoch": 2} in resumed.history_
+
+    # A restart after the end only reloads the final model.
+    done = MMDC(3, cfg, seed=5)
+    done.resume_state = {"phase": "done", "model": full.state_dict()}
+    np.testing.assert_array_equal(done.fit(d).predict(d), full.predict(d))
+
+
+def _roundtrip(state: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
 def test_seeded_reproducibility(data):
     d, _ = data
     state = torch.get_rng_state()

@@ -34,6 +34,7 @@ use one head only). Refinement gathers the outputs with ``all_gather_cat`` and r
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
@@ -97,6 +98,7 @@ class MMDCConfig:
     lr_milestones: tuple[int, ...] = (40,)
     lr_gamma: float = 0.1
     refine_epoch: int | None = 44  # None: no refinement
+    checkpoint_every: int = 5  # epochs between resumable checkpoints, when a trainer asks for them
     # k-means of the refinement: "restarts" = seeded FAISS k-means with ``kmeans_nredo`` random restarts (the public
     # code uses scikit-learn's k-means++ with restarts); "targets" = Lloyd iterations warm-started from the mean
     # output of each current target component; "best" = whichever of the two has the lower inertia. FAISS's random
@@ -420,12 +422,16 @@ class MMDC(Clusterer):
         gidx = np.asarray(data.extra.get("index", np.arange(n_local)), dtype=np.int64)
         if gidx.shape != (n_local,):
             raise ValueError("data.extra['index'] must hold one global index per item")
+        resume = self.resume_state or {}
+        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
+            self.load_state_dict(resume["model"])
+            return self
         fork = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
-            self._fit(px, torch.from_numpy(gidx), ops)
+            self._fit(px, torch.from_numpy(gidx), ops, resume if resume.get("phase") == "epoch" else None)
         return self
 
-    def _fit(self, px: torch.Tensor, gidx: torch.Tensor, ops: GlobalOps) -> None:
+    def _fit(self, px: torch.Tensor, gidx: torch.Tensor, ops: GlobalOps, resume: dict[str, Any] | None) -> None:
         cfg = self.config
         k = self.n_clusters
         # Global item count and a sanity check on the indices (they must be 0..N-1 over all workers).
@@ -447,17 +453,34 @@ class MMDC(Clusterer):
             table = ops.broadcast(table.to(self.device), src=0).cpu()
         self.targets = table
         self.model = self._build_model()
+        self.history_ = []
+        if resume is not None:  # the checkpointed weights and target table; same on every worker
+            self.model.load_state_dict(resume["model"]["model"])
+            self.targets = torch.as_tensor(resume["model"]["targets"]).float().clone()
+            self.history_ = list(resume["model"]["history"])
         net = self.wrap(self.model) if self.wrap is not None else self.model
         opt = _optimizer(self.model, cfg)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
         # Augmentations and shuffles differ between workers.
         torch.manual_seed(self.seed * 1_000_003 + 7919 * ops.rank + 1)
         rng = np.random.default_rng([self.seed, ops.rank])
+        start = 0
+        if resume is not None:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            start = int(resume["epoch"]) + 1
+            if ops.world_size == 1 and "rng" in resume:
+                # One process: its random streams continue exactly, so the resumed fit equals an uninterrupted one.
+                torch.set_rng_state(resume["rng"]["torch"])
+                rng.bit_generator.state = resume["rng"]["numpy"]
+            else:  # only rank 0's streams were saved: every worker starts fresh, distinct streams
+                torch.manual_seed(self.seed * 1_000_003 + 7919 * ops.rank + 104_729 * start + 1)
+                rng = np.random.default_rng([self.seed, ops.rank, start])
+            self.history_.append({"resumed_at_epoch": start})
         train_tf = self._train_transform(self._shape[0])  # type: ignore[index]
         rot_tf = self._train_transform(self._shape[0], with_jitter=False)  # type: ignore[index]
-        self.history_ = []
 
-        for epoch in range(cfg.epochs):
+        for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             start_labels = self.gmm.labels(self.targets)
             refining = cfg.refine_epoch is not None and epoch >= cfg.refine_epoch
@@ -510,6 +533,12 @@ class MMDC(Clusterer):
             self.history_.append(stats)
             if self.on_epoch is not None:
                 self.on_epoch(stats)
+            if self.checkpoint_fn is not None and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+                # Deep copies: state dicts alias the live weights and momentum buffers.
+                self.checkpoint_fn(copy.deepcopy({
+                    "phase": "epoch", "epoch": epoch, "model": self.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}))
         self.model.eval()
 
     def _refine(self, px: torch.Tensor, gidx: torch.Tensor, ops: GlobalOps, epoch: int) -> None:
