@@ -132,3 +132,46 @@ def test_interrupted_run_resumes(ray_session, bad_archive, tmp_path):
     assert manifest["train"]["resumed"] == 1
     assert manifest["counts"]["read"] == manifest["counts"]["assigned"] + manifest["counts"]["rejected"]
     assert manifest["features"]["files_extracted"] == 0  # features came from the cache
+
+
+def test_mmdc_checkpoints_and_resumes_under_ray_train(ray_session, tmp_path):
+    """MMDC on 2 workers writes epoch checkpoints; a resumed fit starts from the last one and completes."""
+    from test_mmdc import shapes  # tiny real images of 3 shapes (tests/ is on sys.path under pytest)
+
+    x, y = shapes(30)
+    n = len(x)
+    table = pa.table({
+        "id": [f"p{i}" for i in range(n)],
+        "pixels": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(n, -1).ravel()), x[0].size),
+        "has_image": np.ones(n, bool), "has_text": np.zeros(n, bool), "index": np.arange(n)})
+    params = {"backbone": "convnet", "epochs": 4, "batch_size": 16, "refine_epoch": 3, "lr_milestones": [],
+              "rotation": False, "device": "cpu", "eval_crop": None, "crop_sizes": [24], "kmeans_nredo": 1,
+              "convnet_widths": [8, 16, 16, 16], "checkpoint_every": 1}
+
+    def fit(root, resume: bool):
+        return fit_ray_train(ray_session.data.from_arrow(table).materialize(), algorithm="mmdc", clusters=3,
+                             params=params, seed=0, train=TrainConfig(workers=2), storage_path=str(root),
+                             run_name="mmdc", has_gpu=False, resume=resume)
+
+    first, report = fit(tmp_path, resume=False)
+    assert report["resumed"] == 0
+    model = make_clusterer("mmdc", 3, params)
+    model.load_state_dict(torch.load(io.BytesIO(first), weights_only=False))
+    assert len(model.predict(table_to_multiview(table))) == n
+    # Epoch checkpoints (after epochs 1-3 of 4) and the final one are all in the run's storage.
+    assert len(list(tmp_path.joinpath("mmdc").rglob("resume.pt"))) >= 3
+
+    # As if the run had died right after its last epoch checkpoint (the final one not written): that
+    # checkpoint alone in a run's storage, resumed on 2 workers.
+    import shutil
+
+    dirs = sorted({p.parent for p in tmp_path.joinpath("mmdc").rglob("resume.pt")}, key=lambda p: p.name)
+    died = tmp_path / "died"
+    shutil.copytree(dirs[-2], died / "mmdc" / dirs[-2].name)
+    again, report = fit(died, resume=True)
+    assert report["resumed"] == 1
+    resumed = make_clusterer("mmdc", 3, params)
+    resumed.load_state_dict(torch.load(io.BytesIO(again), weights_only=False))
+    assert {"resumed_at_epoch": 3} in resumed.history_  # trained only the epoch after the checkpoint
+    assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
+    assert nmi(resumed.predict(table_to_multiview(table)), model.predict(table_to_multiview(table))) > 0.5
