@@ -109,9 +109,9 @@ def build_image_encoder(name: str, weights: str = "auto") -> tuple[nn.Module, st
     """The CNN with its classifier removed (outputs pooled features), in eval mode, and where its weights came from."""
     spec = _spec(name)
     source = resolve_weights(name, weights)
-    with torch.random.fork_rng():
-        # Random weights are for cost measurements and tests: seeded, so every process builds the same network
-        # (unseeded draws differ per process, and so can the share of denormal activations, and the speed).
+    with torch.random.fork_rng(devices=[]):  # the network is built on the CPU; the caller's RNG is left alone
+        # Random weights are for cost measurements and tests: seeded, so that every process (a benchmark's
+        # bare loop and its encoder actor, two runs of a test) builds the same network.
         torch.manual_seed(0)
         model = spec.build()
     if source is not None:
