@@ -17,6 +17,7 @@ are built identically on every worker from the seed; a caller may wrap them (DDP
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -359,8 +360,25 @@ class DEC(Clusterer):
         feats, has = self._features(data)
         x = torch.from_numpy(feats[has])
         t0 = time.time()
+        resume = self.resume_state or {}
+        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
+            self.load_state_dict(resume["model"])
+            return self
         ae = self.build_autoencoder(feats.shape[1]).to(device)
-        self.history["pretrain_loss"] = pretrain_autoencoder(self.wrap(ae), x, c.ae, ops, gen, device, self.on_epoch)
+        if resume.get("phase") == "pretrained":
+            ae.load_state_dict(resume["autoencoder"])
+            self.history["pretrain_loss"] = list(resume["pretrain_loss"])
+            self.history["resumed_from"] = "pretrained"
+            if ops.world_size == 1:  # one process: continue its random streams, as if never interrupted
+                gen.set_state(resume["rng"]["generator"])
+                torch.set_rng_state(resume["rng"]["torch"])
+        else:
+            self.history["pretrain_loss"] = pretrain_autoencoder(self.wrap(ae), x, c.ae, ops, gen, device,
+                                                                 self.on_epoch)
+            if self.checkpoint_fn is not None:
+                self.checkpoint_fn(copy.deepcopy({
+                    "phase": "pretrained", "autoencoder": ae.state_dict(), "pretrain_loss": self.history["pretrain_loss"],
+                    "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()}}))
         z = encode(ae.encoder, x, device)
         cent, _ = kmeans_init(z, self.n_clusters, c.init, ops, self.seed, gen, c.use_gpu_kmeans)
         head = ClusteringHead(ae.encoder, cent, c.cluster.alpha).to(device)
