@@ -203,6 +203,25 @@ def test_state_dict_round_trip_and_seeded_reproduction():
     assert np.allclose(c.embed(data), a.embed(data), atol=1e-6)
 
 
+def test_resumes_after_pretraining():
+    full, _ = separable()
+    data = mixed_modal(full, seed=2)
+    saved: list[dict] = []
+    a = DM2C(3, tiny_cfg(seed=6))
+    a.checkpoint_fn = saved.append
+    pa = a.fit_predict(data)
+    assert [s["phase"] for s in saved] == ["pretrained"]
+    b = DM2C(3, tiny_cfg(seed=6))
+    b.resume_state = saved[0]
+    # Same random streams and batch order restored: the resumed fit ends where the uninterrupted one did.
+    assert np.array_equal(b.fit_predict(data), pa)
+    assert np.array_equal(b.embed(data), a.embed(data))
+    assert b.counters_ == a.counters_ and {"phase": "resumed", "from": "pretrained"} in b.history_
+    c = DM2C(3, tiny_cfg(seed=6))
+    c.resume_state = {"phase": "done", "model": a.state_dict()}
+    assert np.array_equal(c.fit_predict(data), pa)
+
+
 def test_auto_target_and_paired_items():
     full, y = separable()
     m = DM2C(3, tiny_cfg(target_modality="auto"))

@@ -47,6 +47,7 @@ share their geometry they do (tests/test_dm2c.py).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -298,17 +299,32 @@ class DM2C(Clusterer):
             raise ValueError(f"DM2C needs >= 2 items of each modality, got {n_img} images and {n_txt} texts")
         if min(len(rows["image"]), len(rows["text"])) < 2:
             raise ValueError("every worker needs >= 2 local items of each modality")
+        resume = self.resume_state or {}
+        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
+            self.load_state_dict(resume["model"])
+            return self
         self.counters_ = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
         self.history_ = []
         raw = self.build_nets(data.image.shape[1], data.text.shape[1])
+        resumed = resume.get("phase") == "pretrained"
+        if resumed:  # all six networks: the mappings and critics keep their initial weights too
+            for k, v in raw.items():
+                v.load_state_dict(resume["nets"][k])
+            self.counters_, self.history_ = dict(resume["counters"]), list(resume["history"])
+            self.history_.append({"phase": "resumed", "from": "pretrained"})
         self.nets = raw
         net = {k: self.wrap(v) for k, v in raw.items()}
         rng = np.random.default_rng([cfg.seed, ops.rank])
         pools = {m: _Pool(rows[m], cfg.batch_size, rng) for m in MODALITIES}
         world = max(1, ops.world_size)
+        if resumed and ops.world_size == 1:  # one process: its streams continue as if never interrupted
+            rng.bit_generator.state = resume["rng"]["numpy"]
+            torch.set_rng_state(resume["rng"]["torch"])
+            for m in MODALITIES:
+                pools[m].order, pools[m].pos = resume["pools"][m]["order"].copy(), int(resume["pools"][m]["pos"])
 
         # 1) autoencoder pretraining, each modality on its own items
-        for m, key in (("image", "ae_i"), ("text", "ae_t")):
+        for m, key in () if resumed else (("image", "ae_i"), ("text", "ae_t")):
             n_glob = n_img if m == "image" else n_txt
             steps = max(1, math.ceil(n_glob / (pools[m].bs * world)))
             opt = torch.optim.Adam(net[key].parameters(), lr=cfg.lr_ae, weight_decay=cfg.weight_decay)
@@ -325,6 +341,12 @@ class DM2C(Clusterer):
                     self.counters_["pretrain_steps"] += 1
                     tot += float(loss.detach())
                 self._report({"phase": "pretrain", "modality": m, "epoch": ep, "recon": tot / steps})
+        if self.checkpoint_fn is not None and not resumed:
+            self.checkpoint_fn(copy.deepcopy({
+                "phase": "pretrained", "nets": {k: unwrap(v).state_dict() for k, v in raw.items()},
+                "counters": self.counters_, "history": self.history_,
+                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+                "pools": {m: {"order": pools[m].order, "pos": pools[m].pos} for m in MODALITIES}}))
 
         # 2) adversarial training
         self.train_adversarial(net, pools, n_img, n_txt, world)
