@@ -223,6 +223,8 @@ class DistOps(GlobalOps):
 
 
 def _ddp_worker(rank, world, port, out_dir, data, cfg):
+    import gc
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -234,6 +236,12 @@ def _ddp_worker(rank, world, port, out_dir, data, cfg):
         np.savez(f"{out_dir}/rank{rank}.npz", pred=m.predict(data), steps=m.history["cluster"]["steps"],
                  updates=m.history["cluster"]["updates"],
                  mu=m.net.image.centroids.detach().numpy())
+        # Teardown order: the DDP replicas (their reducers hold the group) go first, then both ranks meet, then
+        # the group. Otherwise a rank could be aborted at exit ("terminate called without an active exception",
+        # seen once in CI).
+        del m
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
