@@ -292,12 +292,15 @@ def test_two_workers_keep_one_consistent_target_table():
             errors.append(e)
             shared["barrier"].abort()
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    def run_both() -> None:
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+
+    run_both()
     assert torch.equal(models[0].targets, models[1].targets)
     h0, h1 = models[0].history_, models[1].history_
     assert h0[0]["changed"] == h1[0]["changed"]  # both workers saw the same global permutations
@@ -306,12 +309,7 @@ def test_two_workers_keep_one_consistent_target_table():
     shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
     cfg1 = tiny_config(epochs=1, batch_size=16, sigma=0.1)
     models = [MMDC(3, cfg1, seed=4), MMDC(3, cfg1, seed=4)]
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+    run_both()
     initial = GaussianMixtureTargets(3, 3, 0.1, "one_hot", seed=4).sample(90)
     assert torch.equal(models[0].targets, models[1].targets)
     np.testing.assert_array_equal(sorted_rows(models[0].targets), sorted_rows(initial))
