@@ -377,7 +377,8 @@ class DEC(Clusterer):
                                                                  self.on_epoch)
             if self.checkpoint_fn is not None:
                 self.checkpoint_fn(copy.deepcopy({
-                    "phase": "pretrained", "autoencoder": ae.state_dict(), "pretrain_loss": self.history["pretrain_loss"],
+                    "phase": "pretrained", "autoencoder": ae.state_dict(),
+                    "pretrain_loss": self.history["pretrain_loss"],
                     "rng": {"generator": gen.get_state(), "torch": torch.get_rng_state()}}))
         z = encode(ae.encoder, x, device)
         cent, _ = kmeans_init(z, self.n_clusters, c.init, ops, self.seed, gen, c.use_gpu_kmeans)

@@ -343,7 +343,7 @@ class DM2C(Clusterer):
                 self._report({"phase": "pretrain", "modality": m, "epoch": ep, "recon": tot / steps})
         if self.checkpoint_fn is not None and not resumed:
             self.checkpoint_fn(copy.deepcopy({
-                "phase": "pretrained", "nets": {k: unwrap(v).state_dict() for k, v in raw.items()},
+                "phase": "pretrained", "nets": {k: v.state_dict() for k, v in raw.items()},
                 "counters": self.counters_, "history": self.history_,
                 "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
                 "pools": {m: {"order": pools[m].order, "pos": pools[m].pos} for m in MODALITIES}}))
