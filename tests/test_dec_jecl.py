@@ -85,9 +85,6 @@ def test_dec_resumes_after_pretraining(synth):
     # Same random streams restored: the resumed fit ends exactly where the uninterrupted one did.
     assert torch.equal(resumed.head.centroids, full.head.centroids)
     np.testing.assert_array_equal(resumed.soft_assign(data), full.soft_assign(data))
-    done = DEC(K, dec_cfg(), seed=4)
-    done.resume_state = {"phase": "done", "model": full.state_dict()}
-    np.testing.assert_array_equal(done.fit(data).predict(data), full.predict(data))
 
 
 @pytest.fixture(scope="module")

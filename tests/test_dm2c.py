@@ -217,9 +217,6 @@ def test_resumes_after_pretraining():
     assert np.array_equal(b.fit_predict(data), pa)
     assert np.array_equal(b.embed(data), a.embed(data))
     assert b.counters_ == a.counters_ and {"phase": "resumed", "from": "pretrained"} in b.history_
-    c = DM2C(3, tiny_cfg(seed=6))
-    c.resume_state = {"phase": "done", "model": a.state_dict()}
-    assert np.array_equal(c.fit_predict(data), pa)
 
 
 def test_auto_target_and_paired_items():

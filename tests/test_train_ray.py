@@ -175,3 +175,11 @@ def test_mmdc_checkpoints_and_resumes_under_ray_train(ray_session, tmp_path):
     assert {"resumed_at_epoch": 3} in resumed.history_  # trained only the epoch after the checkpoint
     assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
     assert nmi(resumed.predict(table_to_multiview(table)), model.predict(table_to_multiview(table))) > 0.5
+
+    # Resumed after it had finished: the final model is loaded, nothing is trained again (the history, which
+    # carries each epoch's wall time, is the first run's).
+    done, report = fit(tmp_path, resume=True)
+    assert report["resumed"] == 1
+    finished = make_clusterer("mmdc", 3, params)
+    finished.load_state_dict(torch.load(io.BytesIO(done), weights_only=False))
+    assert finished.history_ == model.history_ and torch.equal(finished.targets, model.targets)

@@ -91,7 +91,8 @@ class Clusterer:
     Fault tolerance: a trainer may set ``checkpoint_fn`` (called by ``fit`` at safe points, on
     every worker in lock-step, with a resumable state) and ``resume_state`` (such a state, from
     which ``fit`` continues instead of starting over). Algorithms that do not checkpoint ignore
-    both and restart from scratch.
+    both and restart from scratch. A run that had finished is the trainer's business: it loads
+    the final ``state_dict`` and does not call ``fit``.
     """
 
     n_clusters: int

@@ -361,9 +361,6 @@ class DEC(Clusterer):
         x = torch.from_numpy(feats[has])
         t0 = time.time()
         resume = self.resume_state or {}
-        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
-            self.load_state_dict(resume["model"])
-            return self
         ae = self.build_autoencoder(feats.shape[1]).to(device)
         if resume.get("phase") == "pretrained":
             ae.load_state_dict(resume["autoencoder"])

@@ -300,9 +300,6 @@ class DM2C(Clusterer):
         if min(len(rows["image"]), len(rows["text"])) < 2:
             raise ValueError("every worker needs >= 2 local items of each modality")
         resume = self.resume_state or {}
-        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
-            self.load_state_dict(resume["model"])
-            return self
         self.counters_ = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
         self.history_ = []
         raw = self.build_nets(data.image.shape[1], data.text.shape[1])

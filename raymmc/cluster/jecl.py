@@ -150,9 +150,6 @@ class JECL(Clusterer):
         t0 = time.time()
 
         resume = self.resume_state or {}
-        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
-            self.load_state_dict(resume["model"])
-            return self
         # 1. per-view autoencoders, each on the items that have that view
         img_ae = self._build_ae(x.shape[1], c.image_ae).to(device)
         txt_ae = self._build_ae(t.shape[1], c.text_ae).to(device)

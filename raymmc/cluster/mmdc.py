@@ -423,9 +423,6 @@ class MMDC(Clusterer):
         if gidx.shape != (n_local,):
             raise ValueError("data.extra['index'] must hold one global index per item")
         resume = self.resume_state or {}
-        if resume.get("phase") == "done":  # restarted after the end: nothing left to train
-            self.load_state_dict(resume["model"])
-            return self
         fork = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
             self._fit(px, torch.from_numpy(gidx), ops, resume if resume.get("phase") == "epoch" else None)

@@ -130,7 +130,11 @@ def _train_loop(loop_cfg: dict) -> None:
             ray.train.report({"phase": "checkpoint", "checkpoint_phase": str(state.get("phase"))}, checkpoint=ckpt)
 
     model.checkpoint_fn = checkpoint_fn
-    model.fit(data, ops)
+    state = model.resume_state or {}
+    if state.get("phase") == "done":  # restarted after the end (written below): nothing left to train
+        model.load_state_dict(state["model"])
+    else:
+        model.fit(data, ops)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ctx.get_world_rank() == 0:
