@@ -1,7 +1,8 @@
 """Account for every input row: usable (clustered) or rejected with a reason.
 
 Rules, applied to the extracted feature table (ordered by file, then row):
-- a row with no id is rejected ("missing id");
+- a row with no id is rejected ("missing id"), and so is an unusable id (a control character such as NUL,
+  invalid UTF-8, longer than ``max_id_chars``: see ``raymmc.features.decode.id_problem``);
 - an id seen before (earlier file, or earlier row of the same file) is rejected as a duplicate,
   naming where it was first seen; the first occurrence is kept;
 - a row with neither a usable image nor a usable caption is rejected with the reasons of both;
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from raymmc.features.decode import DecodeConfig, id_problem
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("source", pa.string()),
                            ("row", pa.int64())])
@@ -28,9 +31,11 @@ class Accounting:
     missing_id: int
 
 
-def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "text"})) -> Accounting:
+def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "text"}),
+            decode: DecodeConfig | None = None) -> Accounting:
     """Split ``table`` into usable rows and rejects. ``modalities``: what this run clusters on
     (an image-only algorithm or view rejects rows that only have a caption, and says so)."""
+    decode = decode or DecodeConfig()
     use_image = "image" in modalities or "pixels" in modalities
     use_text = "text" in modalities
     ids = table.column("id").to_pylist()
@@ -46,9 +51,10 @@ def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "t
     first_seen: dict[str, tuple[str, int]] = {}
     duplicates = missing = 0
     for i, id_ in enumerate(ids):
-        if id_ is None or id_ == "":
-            missing += 1
-            reasons.append((None, "missing id", sources[i], rows[i]))
+        problem = id_problem(id_, decode)
+        if problem is not None:
+            missing += problem == "missing id"
+            reasons.append((id_ or None, problem, sources[i], rows[i]))
             continue
         if id_ in first_seen:
             duplicates += 1

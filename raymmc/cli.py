@@ -8,6 +8,10 @@ import sys
 from typing import Any
 
 from raymmc.config import ConfigError, load_config
+from raymmc.io.rundir import RunLocationError
+from raymmc.io.safestate import UnsafeStateError
+from raymmc.io.shards import ShardError
+from raymmc.io.storage import StorageError
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"raymmc: config error: {exc}", file=sys.stderr)
         return 2
+    except (ShardError, StorageError, UnsafeStateError, RunLocationError) as exc:
+        # Bad input, unreachable or misbehaving storage, a refused file: the message says which and why.
+        print(f"raymmc: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from raymmc.cluster.kmeans import KMeansConfig
 from raymmc.features.decode import DecodeConfig
 from raymmc.features.extract import PixelConfig
 from raymmc.features.text import TextEncoderConfig
+from raymmc.io.rundir import RunLocationError, check_run_location
 from raymmc.io.storage import StorageOptions
 from raymmc.train.trainer import TrainConfig
 
@@ -139,6 +140,10 @@ def validate(cfg: RunConfig) -> None:
             make_config(name, params)  # the algorithm's own typed config checks keys and values
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cluster.params.{name}: {exc}") from exc
+    try:
+        check_run_location(cfg.output, cfg.run_name)
+    except RunLocationError as exc:
+        raise ConfigError(str(exc)) from exc
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

@@ -17,7 +17,7 @@ from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
 from raymmc.io import storage
-from raymmc.io.rundir import RunDir, StageTimer, package_versions
+from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import cluster_sizes, evaluate
@@ -133,7 +133,7 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
         light = ["id", "label", "caption", "has_image", "has_text", "image_note", "caption_note"]
-        acc = account(load_features(feature_dirs, cfg.storage, columns=light), modalities)
+        acc = account(load_features(feature_dirs, cfg.storage, columns=light), modalities, cfg.extract.decode)
         rundir.write_table("rejects", acc.rejects)
     if acc.usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
         raise RuntimeError(f"accounting error: {stats.rows} rows read, {acc.usable.num_rows} usable + "
@@ -238,34 +238,29 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
     return manifest
 
 
+MODEL_FILE = "model/state.safetensors"
+
+
 def save_model(rundir: RunDir, model) -> None:
-    import io
+    from raymmc.io import safestate
 
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    rundir.write_bytes("model/state.pt", buf.getvalue())
+    rundir.write_bytes(MODEL_FILE, safestate.dumps(model.state_dict()))
 
 
 def load_model(rundir: RunDir, cfg: RunConfig):
-    import io
-
-    import torch
+    """The fitted model of a finished run. Safetensors only: a run directory on shared storage is
+    data, and a planted pickle in it must be refused, not run."""
+    from raymmc.io import safestate
 
     model = make_model(cfg)
-    # Our own file: it holds numpy arrays and config dicts besides tensors, so not weights_only.
-    model.load_state_dict(torch.load(io.BytesIO(rundir.read_bytes("model/state.pt")), weights_only=False))
+    model.load_state_dict(safestate.loads(rundir.read_bytes(MODEL_FILE), where=rundir.path(MODEL_FILE)))
     return model
 
 
 def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
               resuming: bool = False):
     """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
-    import io
-
-    import torch
-
+    from raymmc.io import safestate
     from raymmc.raysession import has_gpu
     from raymmc.train.trainer import fit_ray_train, use_ray_train
 
@@ -278,9 +273,9 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
     state, report = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
-                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log)
+                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage)
     model = make_model(cfg)
-    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+    model.load_state_dict(safestate.loads(state, where=f"the final checkpoint in {storage_path}"))
     return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
 
 
@@ -302,6 +297,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work
     name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
+    check_run_location(cfg.output, name)
     cfg = dataclasses.replace(cfg, input=input_uri, run_name=name)
     rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
     # Written first, so that an interrupted run can be resumed (`raymmc run --resume`).
@@ -350,10 +346,15 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     """`raymmc assign`: put new items into an existing run's clusters, without retraining.
     Features come from the same encoders (the run's fitted text encoder included)."""
     import dataclasses
-    import pickle
 
     from raymmc.config import from_dict
+    from raymmc.features.extract import TEXT_ENCODER_FILE
+    from raymmc.features.text import FITTED, text_encoder_from_state
+    from raymmc.io import safestate
 
+    started = _dt.datetime.now(_dt.timezone.utc)
+    name = run_name or f"assign-{started.strftime('%Y%m%d-%H%M%S')}"
+    check_run_location(output, name)  # before anything is read
     source = RunDir(model_run, storage_options)
     src_manifest = source.read_json("manifest.json")
     cfg = from_dict(RunConfig, src_manifest["config"])
@@ -361,15 +362,14 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
         cfg = dataclasses.replace(cfg, storage=storage_options)
     seed_everything(cfg.seed)
     timer = StageTimer()
-    started = _dt.datetime.now(_dt.timezone.utc)
-    name = run_name or f"assign-{started.strftime('%Y%m%d-%H%M%S')}"
     rundir = RunDir(storage.join(output, name), cfg.storage).create()
 
     cache = src_manifest["features"]["cache"]
     text_encoder = None
-    if cfg.extract.text.model in ("doc2vec", "tfidf") and storage.exists(storage.join(cache, "text_encoder.pkl"),
-                                                                        cfg.storage):
-        text_encoder = pickle.loads(storage.read_bytes(storage.join(cache, "text_encoder.pkl"), cfg.storage))
+    encoder_uri = storage.join(cache, TEXT_ENCODER_FILE)
+    if cfg.extract.text.model in FITTED and storage.exists(encoder_uri, cfg.storage):
+        text_encoder = text_encoder_from_state(safestate.loads(storage.read_bytes(encoder_uri, cfg.storage),
+                                                               where=encoder_uri))
     cfg = dataclasses.replace(cfg, input=input_uri, output=output)
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])

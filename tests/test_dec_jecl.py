@@ -12,6 +12,7 @@ from raymmc.cluster.dec import DEC, DECConfig, config_from_dict
 from raymmc.cluster.jecl import JECL, JECLConfig, combine, jecl_loss
 from raymmc.cluster.protocols import drop_captions
 from raymmc.cluster.registry import make_clusterer
+from raymmc.io import safestate
 
 K = 4
 SMALL_AE = {"hidden": [32], "latent": 4, "epochs": 20, "batch_size": 64}
@@ -58,7 +59,7 @@ def test_dec_state_dict_roundtrip(synth):
     data, y = synth
     m = DEC(K, dec_cfg(), seed=1).fit(data)
     m2 = DEC(K)
-    m2.load_state_dict(m.state_dict())
+    m2.load_state_dict(safestate.loads(safestate.dumps(m.state_dict())))
     assert m2.config == m.config
     np.testing.assert_allclose(m2.soft_assign(data), m.soft_assign(data), atol=1e-6)
     assert (m2.predict(data) == m.predict(data)).all()
@@ -79,7 +80,7 @@ def test_dec_resumes_after_pretraining(synth):
     full.fit(data)
     assert [s["phase"] for s in saved] == ["pretrained"]
     resumed = DEC(K, dec_cfg(), seed=4)
-    resumed.resume_state = saved[0]
+    resumed.resume_state = safestate.loads(safestate.dumps(saved[0]))  # as stored
     resumed.fit(data)
     assert resumed.history["resumed_from"] == "pretrained"
     # Same random streams restored: the resumed fit ends exactly where the uninterrupted one did.
@@ -109,7 +110,7 @@ def test_jecl_fits_separable_data(synth, jecl_fit):
 def test_jecl_state_dict_roundtrip(synth, jecl_fit):
     data, _ = synth
     m2 = JECL(K)
-    m2.load_state_dict(jecl_fit.state_dict())
+    m2.load_state_dict(safestate.loads(safestate.dumps(jecl_fit.state_dict())))
     np.testing.assert_allclose(m2.soft_assign(data), jecl_fit.soft_assign(data), atol=1e-6)
     assert (m2.predict(data) == jecl_fit.predict(data)).all()
     assert m2.config == jecl_fit.config

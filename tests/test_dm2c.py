@@ -12,6 +12,7 @@ from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.dm2c import (DM2C, DM2CConfig, clip_weights, critic_objective, cycle_loss, generator_losses,
                                  reconstruction_loss)
 from raymmc.cluster.protocols import mixed_modal
+from raymmc.io import safestate
 
 
 class Fn(nn.Module):
@@ -194,7 +195,7 @@ def test_state_dict_round_trip_and_seeded_reproduction():
     a = DM2C(3, tiny_cfg(seed=5))
     pa = a.fit_predict(data)
     b = DM2C(3)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(safestate.loads(safestate.dumps(a.state_dict())))
     assert b.target_ == a.target_
     assert np.array_equal(b.predict(data), pa)
     assert np.allclose(b.embed(data), a.embed(data), atol=1e-6)
@@ -212,7 +213,7 @@ def test_resumes_after_pretraining():
     pa = a.fit_predict(data)
     assert [s["phase"] for s in saved] == ["pretrained"]
     b = DM2C(3, tiny_cfg(seed=6))
-    b.resume_state = saved[0]
+    b.resume_state = safestate.loads(safestate.dumps(saved[0]))  # as stored
     # Same random streams and batch order restored: the resumed fit ends where the uninterrupted one did.
     assert np.array_equal(b.fit_predict(data), pa)
     assert np.array_equal(b.embed(data), a.embed(data))

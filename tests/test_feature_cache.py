@@ -2,7 +2,6 @@
 same features as an uninterrupted one."""
 
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -3,7 +3,6 @@ and the data-parallel bookkeeping of the global target table (two simulated work
 
 from __future__ import annotations
 
-import io
 import itertools
 import threading
 
@@ -15,6 +14,7 @@ from raymmc.cluster.backbones import CifarResNet18, SmallConvNet, build_backbone
 from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.mmdc import (MMDC, GaussianMixtureTargets, MMDCConfig, assign_targets, lloyd,
                                 random_rotation_batch, rotation_batch)
+from raymmc.io import safestate
 from raymmc.report.metrics import cluster_acc
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -191,11 +191,8 @@ def test_rotation_pass_runs_and_learns(data):
 def test_state_dict_round_trip(data, tmp_path):
     d, _ = data
     m = MMDC(3, tiny_config(epochs=1, rotation=True), seed=1).fit(d)
-    buf = io.BytesIO()
-    torch.save(m.state_dict(), buf)
-    buf.seek(0)
     m2 = MMDC(3)
-    m2.load_state_dict(torch.load(buf, weights_only=False))
+    m2.load_state_dict(safestate.loads(safestate.dumps(m.state_dict())))  # as a run directory stores it
     np.testing.assert_allclose(m2.embed(d), m.embed(d), atol=1e-6)
     assert (m2.predict(d) == m.predict(d)).all()
     assert torch.equal(m2.targets, m.targets) and m2.config == m.config
@@ -213,20 +210,13 @@ def test_resumed_fit_equals_an_uninterrupted_one(data):
     assert not torch.equal(saved[0]["model"]["model"]["cluster_head.weight"], full.model.cluster_head.weight)
 
     resumed = MMDC(3, cfg, seed=5)
-    resumed.resume_state = torch.load(_roundtrip(saved[0]), weights_only=False)  # as the trainer stores it
+    resumed.resume_state = safestate.loads(safestate.dumps(saved[0]))  # as the trainer stores it
     resumed.fit(d)
     assert torch.equal(resumed.targets, full.targets)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
     assert {"resumed_at_epoch": 2} in resumed.history_
-
-
-def _roundtrip(state: dict) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return buf
 
 
 def test_seeded_reproducibility(data):

@@ -1,7 +1,6 @@
 """Data-parallel training under Ray Train's TorchTrainer: the distributed math equals the
 single-process math, and a killed worker resumes from its checkpoint."""
 
-import io
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from raymmc.cluster.registry import make_clusterer
+from raymmc.io import safestate
 from raymmc.train.trainer import TrainConfig, fit_ray_train, table_to_multiview
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def _fit(ray_session, table, workers, tmp_path, name):
                                   params=PARAMS, seed=0, train=TrainConfig(workers=workers, max_failures=2),
                                   storage_path=str(tmp_path), run_name=name, has_gpu=False)
     model = make_clusterer("jecl", 5, PARAMS)
-    model.load_state_dict(torch.load(io.BytesIO(state), weights_only=False))
+    model.load_state_dict(safestate.loads(state))
     return model.predict(table_to_multiview(table)), report
 
 
@@ -118,7 +118,7 @@ def test_interrupted_run_resumes(ray_session, bad_archive, tmp_path):
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None:
-            if len(list(train_dir.glob("checkpoint_*/resume.pt"))) >= 2:
+            if len(list(train_dir.glob("checkpoint_*/resume.safetensors"))) >= 2:
                 break
             time.sleep(0.3)
         assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -156,22 +156,22 @@ def test_mmdc_checkpoints_and_resumes_under_ray_train(ray_session, tmp_path):
     first, report = fit(tmp_path, resume=False)
     assert report["resumed"] == 0
     model = make_clusterer("mmdc", 3, params)
-    model.load_state_dict(torch.load(io.BytesIO(first), weights_only=False))
+    model.load_state_dict(safestate.loads(first))
     assert len(model.predict(table_to_multiview(table))) == n
     # Epoch checkpoints (after epochs 1-3 of 4) and the final one are all in the run's storage.
-    assert len(list(tmp_path.joinpath("mmdc").rglob("resume.pt"))) >= 3
+    assert len(list(tmp_path.joinpath("mmdc").rglob("resume.safetensors"))) >= 3
 
     # As if the run had died right after its last epoch checkpoint (the final one not written): that
     # checkpoint alone in a run's storage, resumed on 2 workers.
     import shutil
 
-    dirs = sorted({p.parent for p in tmp_path.joinpath("mmdc").rglob("resume.pt")}, key=lambda p: p.name)
+    dirs = sorted({p.parent for p in tmp_path.joinpath("mmdc").rglob("resume.safetensors")}, key=lambda p: p.name)
     died = tmp_path / "died"
     shutil.copytree(dirs[-2], died / "mmdc" / dirs[-2].name)
     again, report = fit(died, resume=True)
     assert report["resumed"] == 1
     resumed = make_clusterer("mmdc", 3, params)
-    resumed.load_state_dict(torch.load(io.BytesIO(again), weights_only=False))
+    resumed.load_state_dict(safestate.loads(again))
     assert {"resumed_at_epoch": 3} in resumed.history_  # trained only the epoch after the checkpoint
     assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
     assert nmi(resumed.predict(table_to_multiview(table)), model.predict(table_to_multiview(table))) > 0.5
@@ -181,5 +181,5 @@ def test_mmdc_checkpoints_and_resumes_under_ray_train(ray_session, tmp_path):
     done, report = fit(tmp_path, resume=True)
     assert report["resumed"] == 1
     finished = make_clusterer("mmdc", 3, params)
-    finished.load_state_dict(torch.load(io.BytesIO(done), weights_only=False))
+    finished.load_state_dict(safestate.loads(done))
     assert finished.history_ == model.history_ and torch.equal(finished.targets, model.targets)

@@ -22,6 +22,11 @@ class DecodeConfig:
     max_pixels: int = 64_000_000
     background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited on this
     min_caption_chars: int = 1
+    # Longer captions are cut (with a note) before anything else touches them: a hostile 1 GB caption must not
+    # become a 1 GB token list. 20k characters is far past what any encoder reads (MiniLM: 256 tokens).
+    max_caption_chars: int = 20_000
+    # Longer ids are rejected: an id is a key users join on, not a payload (and it is written into every output).
+    max_id_chars: int = 1024
 
 
 def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray | None, str | None]:
@@ -77,17 +82,40 @@ def _resize_crop(img: Image.Image, cfg: DecodeConfig) -> np.ndarray:
 
 
 def clean_caption(caption: object, cfg: DecodeConfig) -> tuple[str | None, str | None]:
-    """Return ``(text, None)``, or ``(None, reason)`` for an unusable caption; ``(None, None)`` if absent."""
+    """Return ``(text, None)``, ``(text, note)`` for a caption that was cut to ``max_caption_chars``, or
+    ``(None, reason)`` for an unusable caption; ``(None, None)`` if absent."""
     if caption is None:
         return None, None
-    if isinstance(caption, bytes):  # a binary column, or text in an unknown encoding
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError:
-            caption = caption.decode("utf-8", errors="replace")
+    note = None
+    limit = cfg.max_caption_chars
+    if isinstance(caption, (bytes, memoryview)):  # a binary column, or text in an unknown encoding
+        raw = bytes(caption)
+        if len(raw) > 4 * limit:  # no UTF-8 character is longer than 4 bytes: decode only what can be kept
+            note = f"caption: truncated from {len(raw)} bytes to {limit} characters"
+            raw = raw[: 4 * limit]
+        caption = raw.decode("utf-8", errors="replace")  # invalid bytes become U+FFFD, the rest is kept
     if not isinstance(caption, str):
         return None, f"caption: not text ({type(caption).__name__})"
+    if len(caption) > limit:
+        note = note or f"caption: truncated from {len(caption)} to {limit} characters"
+        caption = caption[:limit]
     text = " ".join(caption.replace("\x00", " ").split())
     if len(text) < cfg.min_caption_chars:
         return None, "caption: empty"
-    return text, None
+    return text, note
+
+
+def id_problem(id_: str | None, cfg: DecodeConfig) -> str | None:
+    """Why an id cannot be used (``None`` when it can). Ids are data, never paths: ``/`` and ``..`` are kept
+    as they are; control characters (NUL among them) break the CSV files, databases and terminals that
+    assignments end up in, and an id longer than ``max_id_chars`` is a payload, not a key."""
+    if id_ is None or id_ == "":
+        return "missing id"
+    if len(id_) > cfg.max_id_chars:
+        return f"id longer than max_id_chars={cfg.max_id_chars} ({len(id_)} characters)"
+    if "\ufffd" in id_:
+        return "id is not valid UTF-8"
+    bad = next((c for c in id_ if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        return f"id contains a control character (U+{ord(bad):04X})"
+    return None

@@ -23,9 +23,9 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from raymmc.features.decode import DecodeConfig, clean_caption, decode_image
-from raymmc.features.text import TextEncoderConfig, make_text_encoder
-from raymmc.io.shards import Shard, conform
-from raymmc.io.storage import StorageOptions, resolve
+from raymmc.features.text import FITTED, TextEncoderConfig, make_text_encoder
+from raymmc.io.shards import Shard, ShardError, conform, read_error
+from raymmc.io.storage import StorageError, StorageOptions, resolve
 
 FEATURE_COLUMNS = ("id", "source", "row", "label", "caption", "has_image", "has_text", "image_note",
                    "caption_note", "image_feat", "text_feat", "pixels")
@@ -87,10 +87,20 @@ def stage_times(ray_stats: str, rows: int) -> list[dict[str, Any]]:
 def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
     """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
     fs, _ = resolve(uri, storage)
-    pf = pq.ParquetFile(path, filesystem=fs)
+    try:
+        pf = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:  # deleted since it was listed, the store is down, a bad footer
+        raise read_error(uri, fs, path, exc) from exc
     present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
     offset = 0
-    for rb in pf.iter_batches(batch_size=rows_per_batch, columns=present):
+    batches = pf.iter_batches(batch_size=rows_per_batch, columns=present)
+    while True:
+        try:
+            rb = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:  # a corrupt page behind a valid footer, or the store
+            raise read_error(uri, fs, path, exc, after_row=offset) from exc
+        if rb is None:
+            break
         t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
         n = t.num_rows
         t = t.append_column("source", pa.array([uri] * n, pa.string()))
@@ -133,20 +143,43 @@ def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> dict[str, np.ndarray]:
             pixels[i], has_image[i] = arr, True
         elif reason:
             image_note[i] = reason
-    for i, raw in enumerate(batch.column("caption").to_pylist()):
+    for i, raw in enumerate(_raw_bytes(batch, "caption")):
         text, reason = clean_caption(raw, cfg)
         if text is not None:
             captions[i], has_text[i] = text, True
-        elif reason:
+        if reason:
             caption_note[i] = reason
     return {
-        "id": np.array(batch.column("id").to_pylist(), dtype=object),
+        "id": np.array([_text(v) for v in _raw_bytes(batch, "id")], dtype=object),
         "source": np.array(batch.column("source").to_pylist(), dtype=object),
         "row": batch.column("row").to_numpy(),
-        "label": np.array(batch.column("label").to_pylist(), dtype=object),
+        "label": np.array([_text(v) for v in _raw_bytes(batch, "label")], dtype=object),
         "caption": captions, "has_text": has_text, "caption_note": caption_note,
         "pixels": pixels, "has_image": has_image, "image_note": image_note,
     }
+
+
+def _raw_bytes(batch: pa.Table, column: str) -> list[bytes | None]:
+    """A string column's values as bytes. Parquet written by other tools can hold invalid UTF-8 in a string
+    column, and ``to_pylist`` on it raises: read the bytes and decode them ourselves."""
+    return batch.column(column).cast(pa.binary()).to_pylist()
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace")
+
+
+def drop_non_finite(batch: dict[str, np.ndarray], feats: np.ndarray, view: str) -> None:
+    """Drop the ``view`` (``image`` or ``caption``) of rows whose encoder output is not finite: one NaN would
+    poison every centroid and loss it touches. The row keeps its other view, with a note saying why."""
+    flag, note = ("has_image", "image_note") if view == "image" else ("has_text", "caption_note")
+    mask = batch[flag].astype(bool)
+    bad = mask & ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        feats[bad] = 0.0
+        notes = batch[note].astype(object)  # Ray may hand over a fixed-width '<U' array
+        notes[bad] = f"{view}: encoder output not finite (NaN or inf)"
+        batch[flag], batch[note] = mask & ~bad, notes
 
 
 class ImageEmbedder:
@@ -168,6 +201,7 @@ class ImageEmbedder:
         feats = np.zeros((len(mask), self.encoder.dim), dtype=np.float32)
         if mask.any():
             feats[mask] = self.encoder(pixels[mask])
+            drop_non_finite(batch, feats, "image")
         batch["image_feat"] = feats
         return batch
 
@@ -192,6 +226,7 @@ class TextEmbedder:
         feats = np.zeros((len(mask), self.encoder.dim), dtype=np.float32)
         if mask.any():
             feats[mask] = self.encoder.encode([str(c) for c in batch["caption"][mask]])
+            drop_non_finite(batch, feats, "caption")
         batch["text_feat"] = feats
         return batch
 
@@ -214,8 +249,15 @@ def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
         elif name == "row":
             cols[name] = pa.array(value.astype(np.int64))
         else:
-            cols[name] = pa.array(list(value), pa.string())
+            cols[name] = pa.array(optional_strings(value), pa.string())
     return pa.table(cols)
+
+
+def optional_strings(values: Any) -> list[str | None]:
+    """A string column of a NumPy batch, with its nulls. Between stages Ray Data turns an object column that is
+    all None (the ``label`` of an unlabelled archive, the ``id`` of a batch of rows without ids) into float NaN:
+    anything that is not a string was a null."""
+    return [v if isinstance(v, str) else None for v in values]
 
 
 def feature_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np.ndarray:
@@ -233,6 +275,7 @@ def feature_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np
 # partly written one (a killed run) is cleared and redone.
 
 FEATURE_FORMAT = 1  # bump when the feature table layout changes
+TEXT_ENCODER_FILE = "text_encoder.safetensors"  # a text encoder fitted on the archive, beside its features
 
 
 def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: frozenset[str],
@@ -325,7 +368,7 @@ def fit_text_encoder(shards: list[Shard], cfg: TextEncoderConfig, decode: Decode
     for shard in shards:
         if "caption" not in shard.columns:
             continue
-        for raw in read_shard(shard, storage, ["caption"]).column("caption").to_pylist():
+        for raw in _raw_bytes(read_shard(shard, storage, ["caption"]), "caption"):
             text, _ = clean_caption(raw, decode)
             if text:
                 texts.append(text)
@@ -363,11 +406,12 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     elif text_encoder is None:
         text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage)
         fitted_here = text_encoder is not None
-    if fitted_here:
-        # Saved beside the features: `raymmc assign` encodes new captions with the same encoder.
-        import pickle
+    if fitted_here and extract_cfg.text.model in FITTED:  # (MiniLM is pretrained: nothing to save)
+        # Saved beside the features: `raymmc assign` encodes new captions with the same encoder. Arrays and plain
+        # values in safetensors, never a pickle: whoever can write to the cache must not run code on the cluster.
+        from raymmc.io import safestate
 
-        write_bytes(join(root, "text_encoder.pkl"), pickle.dumps(text_encoder), storage)
+        write_bytes(join(root, TEXT_ENCODER_FILE), safestate.dumps(text_encoder.to_state()), storage)
 
     if todo:
         ray_stats = _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image, text_encoder)
@@ -389,8 +433,11 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     stats.rows = table.num_rows
     stats.with_image = int(np.sum(table.column("has_image").to_numpy(zero_copy_only=False)))
     stats.with_text = int(np.sum(table.column("has_text").to_numpy(zero_copy_only=False)))
-    stats.image_dropped = sum(1 for v in table.column("image_note").to_pylist() if v)
-    stats.caption_dropped = sum(1 for v in table.column("caption_note").to_pylist() if v)
+    # A note on a row that kept the modality (a truncated caption) is not a drop.
+    stats.image_dropped = sum(1 for v, h in zip(table.column("image_note").to_pylist(),
+                                                table.column("has_image").to_pylist()) if v and not h)
+    stats.caption_dropped = sum(1 for v, h in zip(table.column("caption_note").to_pylist(),
+                                                  table.column("has_text").to_pylist()) if v and not h)
     stats.seconds = time.time() - t0
     stats.cache = root
     for st in stats.stages:
@@ -453,11 +500,47 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
         ds = ds.map_batches(to_arrow, batch_format="numpy", num_cpus=task_cpus)
         ds = ds.map_batches(write_feature_batch, batch_format="pyarrow", num_cpus=task_cpus,
                             fn_kwargs={"root": root, "keys": {s.uri: s.key for s in todo}, "storage": storage})
-        done = ds.materialize()
+        try:
+            done = ds.materialize()
+        except Exception as exc:
+            err = _input_error(exc, todo, storage)
+            if err is exc:
+                raise
+            raise err from exc
         for s in todo:
             if not _complete(root, s, storage):
                 raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
         return done.stats()
+
+
+def _input_error(exc: Exception, todo: list[Shard], storage: StorageOptions) -> Exception:
+    """The error to report for a failed extraction job: our own ShardError / StorageError where a task raised
+    one (Ray wraps it in its task and UDF errors), else a note of the input files that changed since they were
+    listed, else Ray's error as it is."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ShardError, StorageError)) and type(e) in (ShardError, StorageError):
+            return type(e)(str(e.args[0]) if e.args else str(e))
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    changed = []
+    for s in todo:
+        fs, path = resolve(s.uri, storage)
+        try:
+            info = fs.get_file_info(path)
+        except Exception:  # the store is down: nothing to say about the file
+            continue
+        if info.type.name == "NotFound":
+            changed.append(f"{s.uri} (deleted)")
+        elif info.size != s.size:
+            changed.append(f"{s.uri} (size {s.size} -> {info.size})")
+    if changed:
+        return ShardError("input file(s) changed after the archive was listed: " + ", ".join(changed)
+                          + "; re-run to cluster the archive as it is now")
+    return exc
 
 
 def _drop_pixels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -80,10 +80,41 @@ class Doc2VecEncoder:
         for i, t in enumerate(texts):
             self.trained_index.setdefault(t, i)
         # workers=1 + a stable hash function: the only deterministic configuration of gensim.
-        self.model = Doc2Vec(docs, vector_size=self.cfg.vector_size, window=self.cfg.window,
-                             min_count=self.cfg.min_count, epochs=self.cfg.epochs, dm=self.cfg.dm,
-                             workers=1, seed=self.seed, hashfxn=_stable_hash)
+        self.model = Doc2Vec(docs, workers=1, hashfxn=_stable_hash, **self._params())
         return self
+
+    def _params(self) -> dict:
+        return dict(vector_size=self.cfg.vector_size, window=self.cfg.window, min_count=self.cfg.min_count,
+                    epochs=self.cfg.epochs, dm=self.cfg.dm, seed=self.seed)
+
+    def to_state(self) -> dict:
+        """Everything inference needs, as arrays and plain values (stored without pickle; gensim's own
+        ``save`` pickles)."""
+        if self.model is None:
+            raise RuntimeError("Doc2VecEncoder.to_state before fit")
+        m = self.model
+        return {"kind": "doc2vec", "config": asdict(self.cfg), "seed": self.seed,
+                "trained_texts": list(self.trained_index), "trained_rows": list(self.trained_index.values()),
+                "words": list(m.wv.index_to_key), "word_vectors": m.wv.vectors,
+                "word_counts": m.wv.expandos["count"], "word_sample_int": m.wv.expandos["sample_int"],
+                "doc_vectors": m.dv.vectors, "syn1neg": m.syn1neg, "cum_table": m.cum_table}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Doc2VecEncoder":
+        from gensim.models.doc2vec import Doc2Vec
+
+        enc = cls(_config(Doc2VecConfig, state["config"]), int(state["seed"]))
+        m = Doc2Vec(workers=1, hashfxn=_stable_hash, **enc._params())  # no corpus: weights set below
+        words = [str(w) for w in state["words"]]
+        m.wv.index_to_key, m.wv.key_to_index = words, {w: i for i, w in enumerate(words)}
+        m.wv.vectors = np.asarray(state["word_vectors"], dtype=np.float32)
+        m.wv.expandos = {"count": np.asarray(state["word_counts"]), "sample_int": np.asarray(state["word_sample_int"])}
+        m.dv.vectors = np.asarray(state["doc_vectors"], dtype=np.float32)
+        m.syn1neg = np.asarray(state["syn1neg"], dtype=np.float32)
+        m.cum_table = np.asarray(state["cum_table"])
+        enc.model = m
+        enc.trained_index = {str(t): int(i) for t, i in zip(state["trained_texts"], state["trained_rows"])}
+        return enc
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self.model is None:
@@ -91,7 +122,7 @@ class Doc2VecEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, t in enumerate(texts):
             if t in self.trained_index:
-                out[i] = self.model.dv[self.trained_index[t]]
+                out[i] = self.model.dv.vectors[self.trained_index[t]]  # int tags: row = tag
                 continue
             # infer_vector draws from the model's RNG: reseed per text so the result depends on the
             # text only. (Its initial vector hashes the words with hash(): Ray workers get a fixed
@@ -124,6 +155,33 @@ class TfidfSvdEncoder:
         if self.svd is None:
             raise RuntimeError("TfidfSvdEncoder.encode before fit")
         return self.svd.transform(self.vectorizer.transform(texts)).astype(np.float32)
+
+    def to_state(self) -> dict:
+        """Vocabulary, idf and SVD components: all that ``encode`` needs, without pickle."""
+        if self.svd is None:
+            raise RuntimeError("TfidfSvdEncoder.to_state before fit")
+        vocab = self.vectorizer.vocabulary_
+        return {"kind": "tfidf", "config": asdict(self.cfg), "seed": self.seed, "dim": self.dim,
+                "terms": sorted(vocab, key=vocab.get), "idf": self.vectorizer.idf_,
+                "components": self.svd.components_}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TfidfSvdEncoder":
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        enc = cls(_config(TfidfConfig, state["config"]), int(state["seed"]))
+        terms = [str(t) for t in state["terms"]]
+        enc.vectorizer = TfidfVectorizer(sublinear_tf=True, vocabulary={t: i for i, t in enumerate(terms)})
+        enc.vectorizer.idf_ = np.asarray(state["idf"], dtype=np.float64)
+        components = np.asarray(state["components"])
+        enc.dim = int(state["dim"])
+        if components.shape != (enc.dim, len(terms)):
+            raise ValueError(f"TF-IDF state: components {components.shape} do not match {enc.dim} x {len(terms)} terms")
+        enc.svd = TruncatedSVD(enc.dim)
+        enc.svd.components_ = components  # transform() is X @ components_.T
+        enc.svd.n_features_in_ = len(terms)
+        return enc
 
 
 class MiniLMEncoder:
@@ -169,6 +227,24 @@ class MiniLMEncoder:
 
     def __getstate__(self):  # ship the reference, not the loaded model, to Ray actors
         return {**self.__dict__, "_model": None}
+
+
+def _config(cls, values: dict):
+    from raymmc.typed import from_dict
+
+    return from_dict(cls, values)
+
+
+# Fitted encoders that can be stored (``to_state``) and rebuilt (``from_state``); MiniLM is pretrained.
+FITTED = {"doc2vec": Doc2VecEncoder, "tfidf": TfidfSvdEncoder}
+
+
+def text_encoder_from_state(state: dict):
+    """Rebuild a fitted text encoder from ``to_state`` output (see raymmc.io.safestate)."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in FITTED:
+        raise ValueError(f"not a stored text encoder (kind {kind!r})")
+    return FITTED[kind].from_state(state)
 
 
 def make_text_encoder(cfg: TextEncoderConfig, seed: int = 0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import sys
 import time
 from typing import Any
@@ -35,6 +36,25 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class RunLocationError(ValueError):
+    """A run name or output URI that would put the run directory somewhere else than one level under the output."""
+
+
+def check_run_location(output: str, run_name: str | None) -> None:
+    """Refuse a run name that is not one plain path segment (``../x``, ``a/b``, ``.``) and an output with ``..``
+    segments: a run must land exactly at ``<output>/<run_name>``, never beside or above it (a shared bucket's
+    other prefixes belong to someone else)."""
+    if run_name is not None and (not _RUN_NAME.fullmatch(run_name) or run_name.strip(".") == ""):
+        raise RunLocationError(f"run name {run_name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with "
+                               "a letter or digit (it becomes one directory under the output)")
+    path = output.split("://", 1)[1] if "://" in output else output
+    if ".." in re.split(r"[/\\]", path):
+        raise RunLocationError(f"output {output!r}: '..' segments are not allowed (write the prefix itself)")
 
 
 class RunDir:

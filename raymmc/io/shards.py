@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
 from raymmc.io.storage import StorageError, StorageOptions, list_files, resolve
@@ -102,9 +103,23 @@ def read_shard(shard: Shard, options: StorageOptions | None = None, columns: lis
     want = [c for c in (columns or SCHEMA.names) if c in shard.columns]
     try:
         table = pq.read_table(shard.path, filesystem=fs, columns=want)
-    except OSError as exc:
-        raise StorageError(f"cannot read {shard.uri}: {exc}") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise read_error(shard.uri, fs, shard.path, exc) from exc
     return conform(table, columns or SCHEMA.names)
+
+
+def read_error(uri: str, fs, path: str, exc: Exception, after_row: int | None = None) -> Exception:
+    """What a failed read of an input file means: the file is gone (StorageError naming it), the store cannot be
+    reached (StorageError), or the store answers and the bytes are bad (ShardError: a corrupt Parquet file)."""
+    try:
+        info = fs.get_file_info(path)
+    except Exception:
+        return StorageError(f"cannot read {uri}: {exc}")
+    if info.type == pa.fs.FileType.NotFound:
+        return StorageError(f"{uri}: disappeared after the archive was listed (deleted or moved during the run); "
+                            "re-run to cluster the archive as it is now")
+    where = "" if after_row is None else f" after row {after_row}"
+    return ShardError(f"{uri}: unreadable Parquet data{where} ({exc})")
 
 
 def conform(table: pa.Table, columns: list[str]) -> pa.Table:

@@ -31,6 +31,11 @@ class StorageOptions:
     endpoint_url: str | None = None
     anon: bool = False
     region: str | None = None
+    # Attempts per S3 request (botocore's "standard" retry mode: exponential backoff with jitter, capped at 20 s).
+    # 10 rides out a store that is unreachable for about a minute (a restart, a failover) instead of failing the
+    # whole job; botocore's default (5 "legacy" attempts) gives up after a few seconds.
+    retries: int = 10
+    connect_timeout: float = 10.0  # seconds per connection attempt
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,11 @@ def _fsspec_filesystem(scheme: str, options: StorageOptions) -> Any:
             client_kwargs["endpoint_url"] = endpoint
         if options.region:
             client_kwargs["region_name"] = options.region
+        retry = {"retries": {"max_attempts": max(1, options.retries), "mode": "standard"},
+                 "connect_timeout": options.connect_timeout}
         # skip_instance_cache: a test or a job that changes the endpoint must not get a stale client.
-        return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs, skip_instance_cache=True)
+        return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs, config_kwargs=retry,
+                                 skip_instance_cache=True)
     if scheme in ("gs", "gcs"):
         try:
             import gcsfs

@@ -9,7 +9,6 @@ across workers. Progress is reported every epoch; rank 0's final state is the ru
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -65,18 +64,21 @@ def table_to_multiview(table: pa.Table):
     )
 
 
-def _serialize(state: dict) -> bytes:
-    import torch
+# Checkpoint files: safetensors states (raymmc.io.safestate), never pickles. A checkpoint directory on shared
+# storage is data: a planted file in it must be refused on resume, not run on every worker.
+RESUME_FILE = "resume.safetensors"  # the state `fit` continues from
+STATE_FILE = "state.safetensors"  # the final model (in the last checkpoint only)
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+
+def _serialize(state: dict) -> bytes:
+    from raymmc.io import safestate
+
+    return safestate.dumps(state)
 
 
 def _train_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     from raymmc.cluster.registry import make_clusterer
@@ -113,18 +115,20 @@ def _train_loop(loop_cfg: dict) -> None:
     # A restarted worker group gets this run's last checkpoint; `raymmc run --resume` passes the
     # interrupted run's (Train V2 has no resume_from_checkpoint).
     restored = ray.train.get_checkpoint()
-    if restored is None and loop_cfg.get("resume_from"):
-        restored = ray.train.Checkpoint(loop_cfg["resume_from"])
+    if restored is None and loop_cfg.get("resume_from") is not None:
+        restored = loop_cfg["resume_from"]
     if restored is not None:  # a restarted worker group: continue from the last checkpoint
+        from raymmc.io import safestate
+
         with restored.as_directory() as d:
-            with open(os.path.join(d, "resume.pt"), "rb") as f:
-                model.resume_state = torch.load(io.BytesIO(f.read()), weights_only=False)
+            with open(os.path.join(d, RESUME_FILE), "rb") as f:
+                model.resume_state = safestate.loads(f.read(), where=f"{restored.path}/{RESUME_FILE}")
 
     def checkpoint_fn(state: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if ctx.get_world_rank() == 0:
-                with open(os.path.join(tmp, "resume.pt"), "wb") as f:
+                with open(os.path.join(tmp, RESUME_FILE), "wb") as f:
                     f.write(_serialize(state))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"phase": "checkpoint", "checkpoint_phase": str(state.get("phase"))}, checkpoint=ckpt)
@@ -138,31 +142,35 @@ def _train_loop(loop_cfg: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ctx.get_world_rank() == 0:
-            with open(os.path.join(tmp, "state.pt"), "wb") as f:
+            with open(os.path.join(tmp, STATE_FILE), "wb") as f:
                 f.write(_serialize(model.state_dict()))
-            with open(os.path.join(tmp, "resume.pt"), "wb") as f:
+            with open(os.path.join(tmp, RESUME_FILE), "wb") as f:
                 f.write(_serialize({"phase": "done", "model": model.state_dict()}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None)},
                          checkpoint=checkpoint)
 
 
-def latest_checkpoint(storage_path: str, run_name: str):
+def latest_checkpoint(storage_path: str, run_name: str, options=None):
     """The newest complete checkpoint of a Ray Train run (its directories sort by time), or None."""
     from ray.train import Checkpoint
 
     from raymmc.io import storage
 
     root = storage.join(storage_path, run_name)
-    if not storage.exists(root):
+    if not storage.exists(root, options):
         return None
-    dirs = sorted({f.path.rsplit("/", 2)[-2] for f in storage.list_files(root, "resume.pt")})
-    return Checkpoint(storage.join(root, dirs[-1])) if dirs else None
+    files = storage.list_files(root, RESUME_FILE, options)
+    if not files:
+        return None
+    latest = max(files, key=lambda f: f.path.rsplit("/", 2)[-2])
+    fs, _ = storage.resolve(root, options)
+    return Checkpoint(latest.path.rsplit("/", 1)[0], filesystem=fs)
 
 
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
                   storage_path: str, run_name: str, has_gpu: bool, resume: bool = False,
-                  log: Callable[[str], None] = print) -> tuple[bytes, dict]:
+                  log: Callable[[str], None] = print, options=None) -> tuple[bytes, dict]:
     """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state
     and the final report (``resumed`` is 1 when the workers continued from a checkpoint).
     ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
@@ -172,20 +180,23 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
 
     from raymmc.io import storage
 
-    start = latest_checkpoint(storage_path, run_name) if resume else None
+    start = latest_checkpoint(storage_path, run_name, options) if resume else None
     if not resume:
-        storage.delete_dir(storage.join(storage_path, run_name))
+        storage.delete_dir(storage.join(storage_path, run_name), options)
     if start is not None:
-        log(f"train: resuming from {start.path}")
+        log(f"train: resuming from {storage.to_uri(storage_path, start.path)}")
 
+    fs, fs_path = storage.resolve(storage_path, options)
     use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
-                           "report_every": train.report_every, "resume_from": start.path if start else None},
+                           "report_every": train.report_every, "resume_from": start},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
+        # Our filesystem (s3fs with the configured endpoint, the AWS credential chain) rather than Ray's own
+        # resolution of the URI, which knows nothing of storage.endpoint_url.
+        run_config=RunConfig(name=run_name, storage_path=fs_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=train.max_failures)),
         datasets={"train": dataset},
     )
@@ -193,5 +204,5 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     if result.checkpoint is None:
         raise RuntimeError(f"training {algorithm} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, "state.pt"), "rb") as f:
+        with open(os.path.join(d, STATE_FILE), "rb") as f:
             return f.read(), dict(result.metrics or {})
