@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYMMC_PROGRESS", "0")
 # Ray workers inherit the environment of the cluster's start: the S3 test server's (dummy)
 # credentials must be in place before the session's Ray cluster starts.
-for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+# The secret is long and distinctive: a test greps every output for it.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "raymmc-test-key"), ("AWS_SECRET_ACCESS_KEY", "raymmc-s3-secret-5b1e9d7c"),
                      ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(_key, _value)
 

@@ -184,7 +184,13 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     if not resume:
         storage.delete_dir(storage.join(storage_path, run_name), options)
     if start is not None:
-        log(f"train: resuming from {storage.to_uri(storage_path, start.path)}")
+        uri = storage.join(storage.to_uri(storage_path, start.path), RESUME_FILE)
+        # Checked here, once, before any worker starts: a refused file is then one clear error naming it, not
+        # a worker failure retried max_failures times.
+        from raymmc.io import safestate
+
+        safestate.loads(storage.read_bytes(uri, options), where=uri)
+        log(f"train: resuming from {uri}")
 
     fs, fs_path = storage.resolve(storage_path, options)
     use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
