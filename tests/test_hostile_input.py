@@ -118,7 +118,7 @@ def _string_array(values: list[bytes | None]) -> pa.Array:
         data += v or b""
         offsets.append(len(data))
         valid.append(v is not None)
-    mask = pa.array(valid).buffers()[1]
+    mask = pa.array(valid, pa.bool_()).buffers()[1]
     return pa.Array.from_buffers(pa.large_string(), len(values),
                                  [mask, pa.py_buffer(np.array(offsets, np.int64)), pa.py_buffer(bytes(data))])
 
