@@ -25,6 +25,7 @@ summary (every trial, best first) is written to ``<output>/tune/<sweep>/summary.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -156,6 +157,22 @@ def trial(config: dict, base: dict, prefix: str) -> None:
     tune.report(metrics)
 
 
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+@contextlib.contextmanager
+def _credentials_kept_out_of_runtime_envs():
+    """Ray Tune copies the driver's AWS_* variables into each trial actor's runtime_env, and Ray's runtime-env
+    agent writes runtime envs, secrets included, to its log in plain text. Trials get their credentials the way
+    every other raymmc worker does (the node's environment, an instance profile), so hide the driver's from Tune
+    while it starts them."""
+    saved = {k: os.environ.pop(k) for k in AWS_SECRETS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def sweep(cfg: RunConfig, tune_cfg: dict, base: dict) -> tuple[list[dict], int]:
     """Run the sweep; returns (trial summaries, best first) and the number of failed trials."""
     from ray import tune
@@ -185,7 +202,10 @@ def sweep(cfg: RunConfig, tune_cfg: dict, base: dict) -> tuple[list[dict], int]:
         run_config=tune.RunConfig(name=name, storage_path=path,
                                   storage_filesystem=fs if storage.is_remote(base["output"]) else None),
     )
-    results = tuner.fit()
+    if storage.is_remote(base["output"]):
+        fs.create_dir(path, recursive=True)  # the driver's client connects (and keeps its credentials) now
+    with _credentials_kept_out_of_runtime_envs():
+        results = tuner.fit()
     rows, failed = [], 0
     for r in results:
         if r.error is not None:

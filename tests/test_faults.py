@@ -63,8 +63,8 @@ def test_storage_outage_during_extraction(ray_session, tux_items, tmp_path):
     try:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
         opts = StorageOptions(endpoint_url=endpoint)
-        table = _archive(tux_items, 12)
-        for i in range(12):
+        table = _archive(tux_items, 8)
+        for i in range(8):
             fs, path = storage.resolve(f"s3://outage/in/part-{i:03d}.parquet", opts)
             pq.write_table(table.slice(i * 8, 8), path, filesystem=fs)
         shards = discover("s3://outage/in", opts)
@@ -94,7 +94,7 @@ def test_storage_outage_during_extraction(ray_session, tux_items, tmp_path):
         server.start()
         thread.join(600)
         assert "error" not in result, result.get("error")
-        assert result["stats"].files_extracted == 12
+        assert result["stats"].files_extracted == 8
         _each_row_once(result["dirs"], opts, shards)
     finally:
         server.stop()
