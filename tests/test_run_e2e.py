@@ -1,5 +1,5 @@
 """`raymmc run` end to end on a real local Ray cluster, on real (tuxpaint) data with every kind
-of bad input mixed in, from local disk and from an S3-compatible server."""
+of bad input mixed in (the same archive from an S3-compatible server: test_s3_e2e.py)."""
 
 import json
 
@@ -9,9 +9,7 @@ import pytest
 
 from raymmc.cli import main
 from raymmc.config import load_config
-from raymmc.io import storage
 from raymmc.io.rundir import RunDir
-from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import run
 
 pytestmark = pytest.mark.slow
@@ -71,22 +69,6 @@ def test_run_local_with_bad_input(ray_session, bad_archive, tmp_path):
         assert f'data-cluster="{c}" data-size="{size}"' in page
     assert page.count("data:image/") >= 10 and "http://" not in page and "https://" not in page
     assert rundir.read_bytes("report/summary.png").startswith(b"\x89PNG")
-
-
-def test_run_reads_and_writes_s3(ray_session, bad_archive, s3_bucket, tmp_path):
-    endpoint, bucket = s3_bucket
-    opts = StorageOptions(endpoint_url=endpoint)
-    for f in storage.list_files(bad_archive["uri"]):
-        storage.write_bytes(f"s3://{bucket}/in/{f.path.rsplit('/', 1)[1]}", open(f.path, "rb").read(), opts)
-    cfg = load_config(values={"input": f"s3://{bucket}/in", "output": f"s3://{bucket}/runs", "run_name": "r",
-                              "cluster": {"clusters": 3}, "storage": {"endpoint_url": endpoint},
-                              "extract": {"text": {"model": "tfidf"}}})
-    result = run(cfg)
-    assert result.run_uri == f"s3://{bucket}/runs/r"
-    rundir = RunDir(result.run_uri, opts)
-    check_accounting(rundir, bad_archive)
-    assert rundir.read_json("manifest.json")["inputs"]["files"][0]["uri"].startswith(f"s3://{bucket}/in/")
-    assert rundir.read_json("metrics.json")["n_assigned"] == bad_archive["n_rows"] - 3  # dup, no id, nothing usable
 
 
 def test_cli_run(ray_session, bad_archive, tmp_path, capsys):

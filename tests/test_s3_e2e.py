@@ -57,6 +57,8 @@ def test_everything_lands_in_the_bucket(s3_run, bad_archive):
             "report/index.html", "report/summary.png"} <= names
     assert any(n.startswith("train/jecl/checkpoint_") and n.endswith("/resume.safetensors") for n in names)
     manifest = rundir.read_json("manifest.json")
+    assert all(f["uri"].startswith(f"s3://{bucket}/in/") for f in manifest["inputs"]["files"])
+    assert rundir.read_json("metrics.json")["n_assigned"] == bad_archive["n_rows"] - 3  # dup, no id, nothing usable
     assert manifest["train"]["storage_path"] == f"{run_uri}/train"
     cache = manifest["features"]["cache"]
     assert cache.startswith(f"s3://{bucket}/runs/features-cache/")
