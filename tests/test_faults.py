@@ -32,6 +32,15 @@ def _archive(tux_items, n_files: int, rows: int = 8) -> pa.Table:
                      "label": tux_items.labels[:n]}, schema=SCHEMA)
 
 
+def _local_archive(tux_items, root, n_files: int) -> list:
+    """``n_files`` Parquet files of 8 real tuxpaint items under ``root``, discovered."""
+    table = _archive(tux_items, n_files)
+    root.mkdir()
+    for i in range(n_files):
+        pq.write_table(table.slice(i * 8, 8), root / f"part-{i:02d}.parquet")
+    return discover(str(root))
+
+
 def _extract(shards, cache, cfg, opts=None):
     return run_extraction(shards, cache, extract_cfg=cfg.extract, seed=cfg.seed, storage=opts or StorageOptions(),
                           has_gpu=False, log=lambda _: None, modalities=used_modalities(cfg))
@@ -41,6 +50,22 @@ def _each_row_once(dirs, opts, shards) -> None:
     table = load_features(dirs, opts, columns=["id"])
     keys = list(zip(table.column("source").to_pylist(), table.column("row").to_pylist()))
     assert len(keys) == len(set(keys)) == sum(s.rows for s in shards)
+
+
+def _in_thread(extract) -> tuple[threading.Thread, dict]:
+    """Run an extraction in a thread (the test meanwhile injects the fault); its dirs, stats or error land in
+    the returned dict."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["dirs"], result["stats"] = extract()
+        except Exception as exc:  # surfaced by the test's assertions
+            result["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread, result
 
 
 def _free_port() -> int:
@@ -69,16 +94,8 @@ def test_storage_outage_during_extraction(ray_session, tux_items, tmp_path):
             pq.write_table(table.slice(i * 8, 8), path, filesystem=fs)
         shards = discover("s3://outage/in", opts)
         cfg = load_config(overrides=IMAGE_ONLY)
-        result: dict = {}
-
-        def work():
-            try:
-                result["dirs"], result["stats"] = _extract(shards, "s3://outage/cache", cfg, opts)
-            except Exception as exc:  # surfaced below
-                result["error"] = exc
-
-        thread = threading.Thread(target=work)
-        thread.start()
+        t_start = time.time()
+        thread, result = _in_thread(lambda: _extract(shards, "s3://outage/cache", cfg, opts))
         deadline = time.time() + 300
         while time.time() < deadline and thread.is_alive():  # wait until the first features are written
             try:
@@ -88,11 +105,13 @@ def test_storage_outage_during_extraction(ray_session, tux_items, tmp_path):
                 pass
             time.sleep(0.2)
         assert thread.is_alive(), f"extraction ended before the outage: {result}"
+        t_stop = time.time()
         server.stop()
         time.sleep(3)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         thread.join(600)
+        print(f"outage at {t_stop - t_start:.1f}s, done {time.time() - t_stop:.1f}s after it")
         assert "error" not in result, result.get("error")
         assert result["stats"].files_extracted == 8
         _each_row_once(result["dirs"], opts, shards)
@@ -101,16 +120,12 @@ def test_storage_outage_during_extraction(ray_session, tux_items, tmp_path):
 
 
 def test_input_file_deleted_after_discovery(ray_session, tux_items, tmp_path):
-    table = _archive(tux_items, 3)
     root = tmp_path / "in"
-    root.mkdir()
-    for i in range(3):
-        pq.write_table(table.slice(i * 8, 8), root / f"part-{i}.parquet")
-    shards = discover(str(root))
-    os.remove(root / "part-1.parquet")
+    shards = _local_archive(tux_items, root, 3)
+    os.remove(root / "part-01.parquet")
     cfg = load_config(overrides=IMAGE_ONLY)
     cache = str(tmp_path / "cache")
-    with pytest.raises(StorageError, match=r"part-1.parquet: disappeared after the archive was listed"):
+    with pytest.raises(StorageError, match=r"part-01.parquet: disappeared after the archive was listed"):
         _extract(shards, cache, cfg)
     shards = discover(str(root))  # the re-run sees the archive as it is now, and completes
     dirs, stats = _extract(shards, cache, cfg)
@@ -126,24 +141,10 @@ def _encoder_actors() -> list[int]:
 def test_killed_encoder_actor(ray_session, tux_items, tmp_path):
     """SIGKILL the image-encoder actor mid-run: Ray restarts it and retries its batches; the cache ends with
     every row exactly once."""
-    table = _archive(tux_items, 16)
-    root = tmp_path / "in"
-    root.mkdir()
-    for i in range(16):
-        pq.write_table(table.slice(i * 8, 8), root / f"part-{i:02d}.parquet")
-    shards = discover(str(root))
+    shards = _local_archive(tux_items, tmp_path / "in", 16)
     cfg = load_config(overrides=IMAGE_ONLY + ["extract.max_actors=1"])
     cache = tmp_path / "cache"
-    result: dict = {}
-
-    def work():
-        try:
-            result["dirs"], result["stats"] = _extract(shards, str(cache), cfg)
-        except Exception as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=work)
-    thread.start()
+    thread, result = _in_thread(lambda: _extract(shards, str(cache), cfg))
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive() and killed is None:
