@@ -53,7 +53,7 @@ def account(table: pa.Table, modalities: frozenset[str] = frozenset({"image", "t
     for i, id_ in enumerate(ids):
         problem = id_problem(id_, decode)
         if problem is not None:
-            missing += problem == "missing id"
+            missing += int(problem == "missing id")  # the other id problems are counted as rejects only
             reasons.append((id_ or None, problem, sources[i], rows[i]))
             continue
         if id_ in first_seen:

@@ -523,7 +523,7 @@ def _input_error(exc: Exception, todo: list[Shard], storage: StorageOptions) -> 
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (ShardError, StorageError)) and type(e) in (ShardError, StorageError):
+        if type(e) in (ShardError, StorageError):  # the original, not Ray's RayTaskError(ShardError) wrapper
             return type(e)(str(e.args[0]) if e.args else str(e))
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     changed = []
