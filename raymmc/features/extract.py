@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -533,7 +534,7 @@ def _input_error(exc: Exception, todo: list[Shard], storage: StorageOptions) -> 
             info = fs.get_file_info(path)
         except Exception:  # the store is down: nothing to say about the file
             continue
-        if info.type.name == "NotFound":
+        if info.type == pafs.FileType.NotFound:
             changed.append(f"{s.uri} (deleted)")
         elif info.size != s.size:
             changed.append(f"{s.uri} (size {s.size} -> {info.size})")

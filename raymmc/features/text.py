@@ -14,6 +14,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from raymmc.typed import from_dict
+
 
 @dataclass
 class Doc2VecConfig:
@@ -103,7 +105,7 @@ class Doc2VecEncoder:
     def from_state(cls, state: dict) -> "Doc2VecEncoder":
         from gensim.models.doc2vec import Doc2Vec
 
-        enc = cls(_config(Doc2VecConfig, state["config"]), int(state["seed"]))
+        enc = cls(from_dict(Doc2VecConfig, state["config"]), int(state["seed"]))
         m = Doc2Vec(workers=1, hashfxn=_stable_hash, **enc._params())  # no corpus: weights set below
         words = [str(w) for w in state["words"]]
         m.wv.index_to_key, m.wv.key_to_index = words, {w: i for i, w in enumerate(words)}
@@ -170,7 +172,7 @@ class TfidfSvdEncoder:
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        enc = cls(_config(TfidfConfig, state["config"]), int(state["seed"]))
+        enc = cls(from_dict(TfidfConfig, state["config"]), int(state["seed"]))
         terms = [str(t) for t in state["terms"]]
         enc.vectorizer = TfidfVectorizer(sublinear_tf=True, vocabulary={t: i for i, t in enumerate(terms)})
         enc.vectorizer.idf_ = np.asarray(state["idf"], dtype=np.float64)
@@ -227,12 +229,6 @@ class MiniLMEncoder:
 
     def __getstate__(self):  # ship the reference, not the loaded model, to Ray actors
         return {**self.__dict__, "_model": None}
-
-
-def _config(cls, values: dict):
-    from raymmc.typed import from_dict
-
-    return from_dict(cls, values)
 
 
 # Fitted encoders that can be stored (``to_state``) and rebuilt (``from_state``); MiniLM is pretrained.
