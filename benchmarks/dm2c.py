@@ -30,7 +30,8 @@ from raymmc.cluster.assignment import linear_assignment
 from raymmc.cluster.base import MultiViewData
 from raymmc.cluster.dm2c import DM2C, DM2CConfig
 from raymmc.cluster.protocols import mixed_modal
-from raymmc.cluster.kmeans import kmeans, l2_normalize, view_features
+from raymmc.cluster.kmeans import kmeans
+from raymmc.cluster.views import l2_normalize, view_matrix
 
 
 def acc_score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -53,7 +54,12 @@ def load(path: str) -> tuple[MultiViewData, np.ndarray]:
         w2 = rng.normal(size=(96, 48)) / 10
         t = np.tanh(x @ w1) @ w2 + 0.05 * rng.normal(size=(len(x), 48))
         return MultiViewData(image=x, text=t.astype(np.float32)), y
-    z = np.load(path, allow_pickle=True)
+    if not path.endswith(".npz"):  # a `raymmc run` directory: its cached features
+        from raymmc.pipeline import load_run_features
+
+        data, labels = load_run_features(path)
+        return MultiViewData(image=data.image, text=data.text), labels
+    z = np.load(path, allow_pickle=False)  # never unpickle what was read from storage
     return MultiViewData(image=z["image"].astype(np.float32), text=z["text"].astype(np.float32)), z["labels"]
 
 
@@ -70,7 +76,7 @@ def run(args) -> dict:
     for s in args.seeds:
         d = mixed_modal(full, seed=s)
         hi, ht = d.has_image, d.has_text
-        _, lab, _ = kmeans(view_features(d, "concat"), k, seed=s)
+        _, lab, _ = kmeans(view_matrix(d, "concat")[0], k, seed=s)
         res.setdefault("kmeans-concat", []).append(scores(y, lab))
         # the paper's k-means protocol: each modality PCA'd to the same dimension, rows stacked
         zs = np.zeros((len(y), 128), np.float32)
@@ -86,7 +92,7 @@ def run(args) -> dict:
         _, lt, _ = kmeans(l2_normalize(d.text[ht]), k, seed=s)
         res.setdefault("kmeans-permodal-oracle", []).append(scores(y, _oracle(y, hi, li, lt)))
         t0 = time.time()
-        m = DM2C(k, DM2CConfig(seed=s, **cfg_over))
+        m = DM2C(k, DM2CConfig(**cfg_over), seed=s)
         m.fit(d)
         pred = m.predict(d)
         sc = scores(y, pred)

@@ -58,7 +58,7 @@ def make_archive(n: int, out: str, rows_per_shard: int = 64) -> str:
 
 
 def weights_for(model: str) -> str:
-    from raymmc.features.image import WeightsError, resolve_weights
+    from raymmc.features.image import resolve_weights
 
     source = resolve_weights(model, "auto")
     return "random" if source.startswith("http") else "auto"

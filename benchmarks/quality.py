@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymmc.cluster.base import MultiViewData  # noqa: E402
-from raymmc.cluster.dec import PAPER_AE  # noqa: E402
+from raymmc.cluster.pretrain import PAPER_AE  # noqa: E402
 from raymmc.cluster.protocols import drop_captions, load_features_npz, mixed_modal  # noqa: E402
 
 

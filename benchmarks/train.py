@@ -41,8 +41,8 @@ def epoch_seconds(algorithm: str, n: int, epochs: int, device: str) -> float:
 
     def on_epoch(info: dict) -> None:
         phase = str(info.get("phase", ""))
-        if phase.startswith("pretrain"):
-            stamps.setdefault(phase, []).append(time.perf_counter())
+        if phase == "pretrain":  # one series per view (JECL pretrains two autoencoders)
+            stamps.setdefault(f"pretrain_{info.get('view', '')}", []).append(time.perf_counter())
 
     ae = {"epochs": epochs}
     params = {"image_ae": ae, "text_ae": ae, "device": device, "cluster": {"max_iter": 1}} if algorithm == "jecl" \

@@ -109,7 +109,7 @@ def silhouette(run_uri: str, cfg: RunConfig, max_points: int = 5000) -> float | 
     import numpy as np
     from sklearn.metrics import silhouette_score
 
-    from raymmc.cluster.kmeans import l2_normalize
+    from raymmc.cluster.views import l2_normalize
     from raymmc.features.extract import feature_matrix, load_features
     from raymmc.io.rundir import RunDir
 

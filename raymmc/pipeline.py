@@ -76,7 +76,9 @@ def used_modalities(cfg: RunConfig) -> frozenset[str]:
     if algo in ALGORITHM_MODALITIES:
         wanted = ALGORITHM_MODALITIES[algo]
     else:
-        view = cfg.cluster.kmeans.view if algo == "kmeans" else cfg.cluster.params.get(algo, {}).get("view", "concat")
+        from raymmc.cluster.registry import make_config
+
+        view = cfg.cluster.kmeans.view if algo == "kmeans" else make_config(algo, cfg.cluster.params.get(algo)).view
         wanted = VIEW_MODALITIES[view]
     available = {m for m, model in (("image", cfg.extract.image.model), ("text", cfg.extract.text.model))
                  if model != "none"} | {"pixels"}
@@ -147,7 +149,7 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
 def usable_features(prep: Prepared, cfg: RunConfig) -> MultiViewData:
     """The usable rows with their feature vectors, on the driver."""
     table = load_features(prep.feature_dirs, cfg.storage).filter(pa.array(prep.keep))
-    return table_to_multiview(table)
+    return table_to_multiview(table, cfg.extract.pixels.channels)
 
 
 def usable_dataset(prep: Prepared, cfg: RunConfig):
@@ -273,7 +275,8 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
     state, report = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
-                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage)
+                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage,
+                          pixel_channels=cfg.extract.pixels.channels)
     model = make_model(cfg)
     model.load_state_dict(safestate.loads(state, where=f"the final checkpoint in {storage_path}"))
     return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
@@ -293,7 +296,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     if cfg.cluster.algorithm == "auto":
         algorithm, why = choose_algorithm(present_counts(discover(input_uri, cfg.storage), cfg.storage))
         log(f"algorithm auto -> {algorithm}: {why}")
-        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm))
+        params = dict(cfg.cluster.params)
+        if algorithm == "dec":  # text only: DEC clusters the captions unless told otherwise
+            params["dec"] = {"view": "text", **(params.get("dec") or {})}
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm, params=params))
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work
     name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
@@ -390,4 +396,5 @@ def load_run_features(run_uri: str, options: StorageOptions | None = None) -> tu
     drop = set(zip(rejects.column("source").to_pylist(), rejects.column("row").to_pylist()))
     keep = [(s, r) not in drop for s, r in zip(table.column("source").to_pylist(), table.column("row").to_pylist())]
     table = table.filter(pa.array(keep))
-    return table_to_multiview(table), np.array(table.column("label").to_pylist(), dtype=object)
+    channels = rundir.read_json("manifest.json")["config"]["extract"]["pixels"]["channels"]
+    return table_to_multiview(table, channels), np.array(table.column("label").to_pylist(), dtype=object)

@@ -139,7 +139,7 @@ def test_weight_clipping_holds_after_critic_steps():
     m = DM2C(3, tiny_cfg(clip=0.01, lr_d=1e-2))  # a large critic lr pushes weights out of the box
     m.fit(data)
     assert m.counters_["critic_steps"] > 0
-    ws = torch.cat([p.detach().flatten() for k in ("d_i", "d_t") for p in m.nets[k].parameters()])
+    ws = torch.cat([p.detach().flatten() for k in ("d_i", "d_t") for p in m.nets_[k].parameters()])
     assert ws.abs().max().item() <= 0.01 + 1e-8
     assert (ws.abs() > 0.01 - 1e-6).any()  # and the clip was active
 
@@ -192,14 +192,14 @@ def test_tiny_fit_beats_chance_on_separable_mixed_data():
 def test_state_dict_round_trip_and_seeded_reproduction():
     full, _ = separable()
     data = mixed_modal(full, seed=2)
-    a = DM2C(3, tiny_cfg(seed=5))
+    a = DM2C(3, tiny_cfg(), seed=5)
     pa = a.fit_predict(data)
     b = DM2C(3)
     b.load_state_dict(safestate.loads(safestate.dumps(a.state_dict())))
     assert b.target_ == a.target_
     assert np.array_equal(b.predict(data), pa)
     assert np.allclose(b.embed(data), a.embed(data), atol=1e-6)
-    c = DM2C(3, tiny_cfg(seed=5))
+    c = DM2C(3, tiny_cfg(), seed=5)
     assert np.array_equal(c.fit_predict(data), pa)
     assert np.allclose(c.embed(data), a.embed(data), atol=1e-6)
 
@@ -208,16 +208,17 @@ def test_resumes_after_pretraining():
     full, _ = separable()
     data = mixed_modal(full, seed=2)
     saved: list[dict] = []
-    a = DM2C(3, tiny_cfg(seed=6))
+    a = DM2C(3, tiny_cfg(), seed=6)
     a.checkpoint_fn = saved.append
     pa = a.fit_predict(data)
     assert [s["phase"] for s in saved] == ["pretrained"]
-    b = DM2C(3, tiny_cfg(seed=6))
+    b = DM2C(3, tiny_cfg(), seed=6)
     b.resume_state = safestate.loads(safestate.dumps(saved[0]))  # as stored
     # Same random streams and batch order restored: the resumed fit ends where the uninterrupted one did.
     assert np.array_equal(b.fit_predict(data), pa)
     assert np.array_equal(b.embed(data), a.embed(data))
-    assert b.counters_ == a.counters_ and {"phase": "resumed", "from": "pretrained"} in b.history_
+    assert b.counters_ == a.counters_
+    assert {"phase": "resumed", "from": "pretrained", "streams": "restored"} in b.history_
 
 
 def test_auto_target_and_paired_items():
@@ -257,9 +258,12 @@ def test_wrap_hook_and_global_ops_are_used():
     m = DM2C(3, tiny_cfg(target_modality="auto"), wrap=wrap)
     m.fit(data, ops)
     assert len(wrapped) == 6
-    assert ops.calls[0] == "all_reduce_sum"  # global item counts -> steps per epoch
-    assert ops.calls.count("all_gather_cat") == 3  # auto target (image, text latents) + k-means sample
-    assert ops.calls.count("broadcast") == 2  # target choice, centroids
+    # the largest local pool of each modality (steps per epoch), then the collective check that every worker
+    # can fill them
+    assert ops.calls[:4] == ["all_gather_cat", "all_gather_cat", "all_reduce_sum", "all_reduce_sum"]
+    # largest local pool per modality (steps per epoch), auto target (image, text latents), k-means sample
+    assert ops.calls.count("all_gather_cat") == 5
+    assert ops.calls.count("broadcast") == 0  # one worker: rank 0's choices are everyone's
 
 
 def test_ddp_wrapped_fit_single_process(tmp_path):

@@ -80,9 +80,9 @@ def test_target_multiset_unchanged_by_training(data):
     cfg = tiny_config(sigma=0.2)  # no refinement: only permutations
     m = MMDC(3, cfg, seed=5).fit(d)
     initial = GaussianMixtureTargets(3, 3, 0.2, "one_hot", seed=5).sample(len(d))
-    assert not np.allclose(m.targets.numpy(), initial)  # the assignment did move targets around
-    np.testing.assert_array_equal(sorted_rows(m.targets), sorted_rows(initial))
-    np.testing.assert_allclose(m.targets.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    assert not np.allclose(m.targets_.numpy(), initial)  # the assignment did move targets around
+    np.testing.assert_array_equal(sorted_rows(m.targets_), sorted_rows(initial))
+    np.testing.assert_allclose(m.targets_.norm(dim=1).numpy(), 1.0, atol=1e-5)
     assert len(m.history_) == 2 and all(0.0 <= h["changed"] <= 1.0 for h in m.history_)
 
 
@@ -172,7 +172,7 @@ def test_tiny_fit_beats_chance_with_refinement():
     assert [s["epoch"] for s in seen] == list(range(25)) and seen[20]["refining"] and not seen[19]["refining"]
     assert seen[-1]["loss"] < seen[0]["loss"]
     # after refinement every target is one of the mixture means
-    assert set(map(tuple, m.targets.numpy().round(6))) <= set(map(tuple, m.gmm.means.round(6)))
+    assert set(map(tuple, m.targets_.numpy().round(6))) <= set(map(tuple, m.gmm_.means.round(6)))
     sa = m.soft_assign(d)
     np.testing.assert_allclose(sa.sum(axis=1), 1.0, atol=1e-5)
     assert (sa.argmax(axis=1) == pred).all()
@@ -195,7 +195,7 @@ def test_state_dict_round_trip(data, tmp_path):
     m2.load_state_dict(safestate.loads(safestate.dumps(m.state_dict())))  # as a run directory stores it
     np.testing.assert_allclose(m2.embed(d), m.embed(d), atol=1e-6)
     assert (m2.predict(d) == m.predict(d)).all()
-    assert torch.equal(m2.targets, m.targets) and m2.config == m.config
+    assert torch.equal(m2.targets_, m.targets_) and m2.config == m.config
 
 
 def test_resumed_fit_equals_an_uninterrupted_one(data):
@@ -205,18 +205,18 @@ def test_resumed_fit_equals_an_uninterrupted_one(data):
     full = MMDC(3, cfg, seed=5)
     full.checkpoint_fn = saved.append
     full.fit(d)
-    assert [s["epoch"] for s in saved] == [1]  # after epoch 2 of 4; never after the last one
+    assert [(s["phase"], s["state"]["epoch"]) for s in saved] == [("epoch", 2)]  # after epoch 2 of 4, not the last
     # The checkpoint is a copy, not a view of the weights that went on training.
-    assert not torch.equal(saved[0]["model"]["model"]["cluster_head.weight"], full.model.cluster_head.weight)
+    assert not torch.equal(saved[0]["state"]["model"]["cluster_head.weight"], full.model_.cluster_head.weight)
 
     resumed = MMDC(3, cfg, seed=5)
     resumed.resume_state = safestate.loads(safestate.dumps(saved[0]))  # as the trainer stores it
     resumed.fit(d)
-    assert torch.equal(resumed.targets, full.targets)
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    assert torch.equal(resumed.targets_, full.targets_)
+    for (name, a), b in zip(full.model_.state_dict().items(), resumed.model_.state_dict().values()):
         assert torch.equal(a, b), name
-    assert [h["epoch"] for h in resumed.history_ if "epoch" in h] == [0, 1, 2, 3]
-    assert {"resumed_at_epoch": 2} in resumed.history_
+    assert [h["epoch"] for h in resumed.history_ if h["phase"] == "epoch"] == [0, 1, 2, 3]
+    assert {"phase": "resumed", "from": "epoch", "streams": "restored"} in resumed.history_
 
 
 def test_seeded_reproducibility(data):
@@ -226,7 +226,7 @@ def test_seeded_reproducibility(data):
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
     b = MMDC(3, tiny_config(epochs=1), seed=7).fit(d)
     c = MMDC(3, tiny_config(epochs=1), seed=8).fit(d)
-    assert torch.equal(a.targets, b.targets)
+    assert torch.equal(a.targets_, b.targets_)
     np.testing.assert_array_equal(a.embed(d), b.embed(d))
     assert not np.array_equal(a.embed(d), c.embed(d))
 
@@ -286,7 +286,7 @@ def test_two_workers_keep_one_consistent_target_table():
         assert not errors, errors
 
     run_both()
-    assert torch.equal(models[0].targets, models[1].targets)
+    assert torch.equal(models[0].targets_, models[1].targets_)
     h0, h1 = models[0].history_, models[1].history_
     assert h0[0]["changed"] == h1[0]["changed"]  # both workers saw the same global permutations
 
@@ -296,5 +296,5 @@ def test_two_workers_keep_one_consistent_target_table():
     models = [MMDC(3, cfg1, seed=4), MMDC(3, cfg1, seed=4)]
     run_both()
     initial = GaussianMixtureTargets(3, 3, 0.1, "one_hot", seed=4).sample(90)
-    assert torch.equal(models[0].targets, models[1].targets)
-    np.testing.assert_array_equal(sorted_rows(models[0].targets), sorted_rows(initial))
+    assert torch.equal(models[0].targets_, models[1].targets_)
+    np.testing.assert_array_equal(sorted_rows(models[0].targets_), sorted_rows(initial))

@@ -8,8 +8,9 @@ one process and all-reduce / all-gather under Ray Train (``raymmc.train``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,9 +55,12 @@ class MultiViewData:
         def take(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[index]
 
+        n = len(self)
+        # per-item arrays in extra (a global index, the kept view) are taken with the rows
+        extra = {k: v[index] if isinstance(v, np.ndarray) and len(v) == n else v for k, v in self.extra.items()}
         return MultiViewData(
             image=take(self.image), text=take(self.text), has_image=take(self.has_image),
-            has_text=take(self.has_text), pixels=take(self.pixels), ids=take(self.ids), extra=dict(self.extra),
+            has_text=take(self.has_text), pixels=take(self.pixels), ids=take(self.ids), extra=extra,
         )
 
 
@@ -85,22 +89,68 @@ class GlobalOps:
 LOCAL = GlobalOps()
 
 
-class Clusterer:
-    """Shared estimator interface (scikit-learn style).
+def make_config(cls: type, value: Any = None) -> Any:
+    """The one way a config is built: ``None`` gives the defaults, an instance of ``cls`` passes
+    through, a dict (nested dicts for nested configs; unknown keys and wrong types raise) or another
+    dataclass is converted."""
+    from raymmc.typed import from_dict
 
-    Fault tolerance: a trainer may set ``checkpoint_fn`` (called by ``fit`` at safe points, on
-    every worker in lock-step, with a resumable state) and ``resume_state`` (such a state, from
-    which ``fit`` continues instead of starting over). Algorithms that do not checkpoint ignore
-    both and restart from scratch. A run that had finished is the trainer's business: it loads
-    the final ``state_dict`` and does not call ``fit``.
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return from_dict(cls, dict(value))
+
+
+class Clusterer:
+    """The estimator interface of all five algorithms (scikit-learn's conventions).
+
+    ``__init__(n_clusters, config=None, *, seed=0)`` only stores (the config through
+    :func:`make_config`); ``fit(data, ops)`` trains and returns ``self``; fitted attributes end in
+    ``_`` and exist only once fitted: ``labels_``, ``n_iter_`` and ``history_`` always,
+    ``cluster_centers_`` where centroids live in one space.
+    ``usable(data)`` says which items the fitted model can assign; ``soft_assign`` / ``predict``
+    refuse data with other items (an item without the view an algorithm uses is never put in a
+    cluster by default). ``state_dict()`` / ``load_state_dict()`` carry the fitted model (tensors,
+    arrays and plain values only: stored as safetensors, never pickled).
     """
 
-    n_clusters: int
-    checkpoint_fn: Callable[[dict[str, Any]], None] | None = None
+    name: str = ""  # the registry name
+    Config: type = object  # the algorithm's config dataclass
+    # Trainer hooks (raymmc.cluster.deep): algorithms that do not checkpoint ignore them.
+    checkpoint_fn: Any = None
     resume_state: dict[str, Any] | None = None
+
+    def __init__(self, n_clusters: int, config: Any = None, *, seed: int = 0):
+        self.n_clusters = int(n_clusters)
+        self.config = make_config(self.Config, config)
+        self.seed = int(seed)
 
     def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "Clusterer":
         raise NotImplementedError
+
+    def _fitted(self, attr: str) -> Any:
+        """A fitted attribute (they exist only after ``fit`` or ``load_state_dict``)."""
+        value = getattr(self, attr, None)
+        if value is None:
+            raise RuntimeError(f"{self.name} is not fitted")
+        return value
+
+    def usable(self, data: MultiViewData) -> np.ndarray:
+        """(n,) bool: the items this algorithm can assign (they have a view it uses)."""
+        raise NotImplementedError
+
+    def check_usable(self, data: MultiViewData) -> None:
+        bad = ~self.usable(data)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {len(data)} items have no view {self.name} uses "
+                             f"({self.uses()}); select them out with usable(data) and record them as rejected")
+
+    def uses(self) -> str:
+        """The view(s) the algorithm assigns through, in words (for messages)."""
+        return "image or text"
 
     def soft_assign(self, data: MultiViewData) -> np.ndarray:
         """(n, K) rows summing to 1."""
@@ -114,6 +164,20 @@ class Clusterer:
 
     def fit_predict(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> np.ndarray:
         return self.fit(data, ops).predict(data)
+
+    def _header(self) -> dict[str, Any]:
+        return {"algorithm": self.name, "n_clusters": self.n_clusters, "seed": self.seed,
+                "config": dataclasses.asdict(self.config)}
+
+    def _read_header(self, state: dict[str, Any]) -> None:
+        if "algorithm" not in state:
+            raise ValueError(f"this {self.name} model state predates raymmc's training engine (no 'algorithm' "
+                             "key): fit it again")
+        if state["algorithm"] != self.name:
+            raise ValueError(f"a {state.get('algorithm')!r} model cannot be loaded into {self.name!r}")
+        self.n_clusters = int(state["n_clusters"])
+        self.seed = int(state["seed"])
+        self.config = make_config(self.Config, state["config"])
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError

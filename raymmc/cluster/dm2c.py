@@ -25,11 +25,12 @@ Schedules (``critic_schedule``): ``"paper"`` = Algorithm 1 / WGAN: ``n_critic`` 
 batches each) before every generator step; ``"public_code"`` = the authors' released code: one critic
 step after every ``public_code_gen_per_critic`` (5) generator steps, on that generator step's batch.
 
-Distributed use (Ray Train): the six networks are built by :meth:`DM2C.build_nets` and passed through
-the ``wrap`` hook (e.g. DDP); each worker samples batches from its local shard; the number of steps
-per epoch comes from global item counts (``ops.all_reduce_sum``) so every worker runs the same number
-of steps; the k-means sample and the ``"auto"`` target choice use ``ops.all_gather_cat``; centroids
-and the target are broadcast from rank 0.
+Distributed use (Ray Train): the six networks are passed through the ``wrap`` hook (e.g. DDP); each
+worker draws batches of each modality from its local shard with the lock-step sampler
+(``raymmc.cluster.sampler``: an epoch is the same number of steps on every worker, counted from the
+largest local pool); the k-means sample and the ``"auto"`` target choice are gathered, computed on
+rank 0 and broadcast. Phases and checkpoints: pretraining (``pretrained``), adversarial epochs
+(``adversarial`` every ``checkpoint_every`` epochs), then unification and k-means.
 
 Our choices (the paper leaves them open) are config options: input rows L2-normalised
 (``input_norm``), AE pretraining with Adam, joint AE + mapping generator step (``joint_ae``),
@@ -47,21 +48,25 @@ share their geometry they do (tests/test_dm2c.py).
 
 from __future__ import annotations
 
-import copy
-import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
-from raymmc.cluster.kmeans import kmeans, l2_normalize, soft_from_distances
-from raymmc.cluster.nets import resolve_device, unwrap
+from raymmc.cluster.base import GlobalOps, MultiViewData
+from raymmc.cluster.checkpoint import Phase, Resume
+from raymmc.cluster.deep import DeepClusterer
+from raymmc.cluster.kmeans import InitConfig, NearestCentroid, init_centroids, kmeans, squared_distances
+from raymmc.cluster.nets import forward_in_batches, unwrap
+from raymmc.cluster.pretrain import pretrain_autoencoder
+from raymmc.cluster.sampler import EpochSampler, check_min_batch, global_max
+from raymmc.cluster.views import l2_normalize
 
-Wrap = Callable[[nn.Module], nn.Module]
 MODALITIES = ("image", "text")
+NETS = ("ae_i", "ae_t", "g_it", "g_ti", "d_i", "d_t")
 
 
 @dataclass
@@ -105,10 +110,11 @@ class DM2CConfig:
     embed_norm: Literal["l2", "none"] = "l2"
     kmeans_niter: int = 100
     kmeans_nredo: int = 10
-    kmeans_sample: int | None = None  # max items per worker gathered for k-means (None: all)
+    kmeans_sample: int = 200_000  # at most this many unified embeddings gathered (over all workers) for k-means
     auto_sample: int = 2000  # max items per modality for the "auto" silhouette
-    seed: int = 0
-    device: str = "auto"
+    checkpoint_every: int = 10  # adversarial epochs between resumable checkpoints, where a trainer asks for them
+    device: str = "auto"  # "auto": cuda when available
+    eval_batch_size: int = 4096  # rows per forward pass outside training: bounds memory, not results
 
     def __post_init__(self) -> None:
         if self.critic_schedule not in ("paper", "public_code"):
@@ -209,69 +215,35 @@ def clip_weights(module: nn.Module, c: float) -> None:
 
 # --------------------------------------------------------------------------------------- the model
 
-class _Pool:
-    """Endless seeded shuffled stream of full-size batches from one modality's local rows."""
-
-    def __init__(self, x: torch.Tensor, batch_size: int, rng: np.random.Generator):
-        self.x, self.rng = x, rng
-        self.bs = max(2, min(batch_size, len(x)))  # BatchNorm needs >= 2 rows
-        self.order = np.empty(0, dtype=np.int64)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.bs > len(self.order):
-            rest = self.order[self.pos:]
-            self.order = np.concatenate([rest, self.rng.permutation(len(self.x))])
-            self.pos = 0
-        idx = self.order[self.pos:self.pos + self.bs]
-        self.pos += self.bs
-        return self.x[torch.from_numpy(idx)]
-
-
-class DM2C(Clusterer):
+class DM2C(NearestCentroid, DeepClusterer):
     """Deep mixed-modal clustering. ``fit`` -> ``predict`` / ``soft_assign`` / ``embed``.
 
-    ``wrap(module) -> module`` is applied to each of the six networks after they are built (DDP under
-    Ray Train); ``on_epoch(dict)`` receives the mean losses of every pretraining / adversarial epoch.
-    """
+    Fitted: ``nets_`` (the six networks, unwrapped), ``target_`` (the modality whose latent space
+    holds the clusters), ``cluster_centers_`` (k-means centroids there), ``silhouette_`` (the "auto"
+    scores), ``counters_`` (pretraining / generator / critic steps), ``n_iter_`` (generator steps).
+    Every item needs an image or a text (``usable``)."""
 
-    def __init__(self, n_clusters: int, config: DM2CConfig | None = None, *, wrap: Wrap | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
-        self.n_clusters = int(n_clusters)
-        self.config = config or DM2CConfig()
-        self.wrap = wrap or (lambda m: m)
-        self.on_epoch = on_epoch
-        self.device = resolve_device(self.config.device)
-        self.nets: dict[str, nn.Module] | None = None  # raw (unwrapped) modules
-        self.centroids: np.ndarray | None = None
-        self.target_: str | None = None
-        self.dims_: dict[str, int] | None = None
-        self.silhouette_: dict[str, float] = {}
-        self.counters_: dict[str, int] = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
-        self.history_: list[dict[str, Any]] = []
+    name = "dm2c"
+    Config = DM2CConfig
+
+    def usable(self, data: MultiViewData) -> np.ndarray:
+        return np.asarray(data.has_image, bool) | np.asarray(data.has_text, bool)
 
     # ---------------------------------------------------------------------------------- building
-    def build_nets(self, d_image: int, d_text: int) -> dict[str, nn.Module]:
-        """The six networks (seeded by ``config.seed``), on ``self.device``, unwrapped."""
-        cfg = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            nets = self._new_nets(d_image, d_text)
-        for n in ("d_i", "d_t"):
-            clip_weights(nets[n], cfg.clip)  # a critic starts inside its clipping box
-        self.dims_ = {"image": int(d_image), "text": int(d_text)}
-        return {k: v.to(self.device) for k, v in nets.items()}
-
     def _new_nets(self, d_image: int, d_text: int) -> dict[str, nn.Module]:
         cfg = self.config
-        return {
-            "ae_i": ModalityAE(d_image, cfg.image_hidden, cfg.latent_dim),
-            "ae_t": ModalityAE(d_text, cfg.text_hidden, cfg.latent_dim),
-            "g_it": mapping_net(cfg.latent_dim, cfg.mapping_hidden),
-            "g_ti": mapping_net(cfg.latent_dim, cfg.mapping_hidden),
-            "d_i": critic_net(cfg.latent_dim, cfg.critic_hidden),
-            "d_t": critic_net(cfg.latent_dim, cfg.critic_hidden),
-        }
+        with self._seeded_weights():
+            nets = {
+                "ae_i": ModalityAE(d_image, cfg.image_hidden, cfg.latent_dim),
+                "ae_t": ModalityAE(d_text, cfg.text_hidden, cfg.latent_dim),
+                "g_it": mapping_net(cfg.latent_dim, cfg.mapping_hidden),
+                "g_ti": mapping_net(cfg.latent_dim, cfg.mapping_hidden),
+                "d_i": critic_net(cfg.latent_dim, cfg.critic_hidden),
+                "d_t": critic_net(cfg.latent_dim, cfg.critic_hidden),
+            }
+        for n in ("d_i", "d_t"):
+            clip_weights(nets[n], cfg.clip)  # a critic starts inside its clipping box
+        return {k: v.to(self.device) for k, v in nets.items()}
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -280,263 +252,193 @@ class DM2C(Clusterer):
     def _modal_rows(self, data: MultiViewData) -> dict[str, torch.Tensor]:
         if data.image is None or data.text is None:
             raise ValueError("DM2C needs both an image and a text feature matrix (rows of missing views are ignored)")
-        if np.any(~(data.has_image | data.has_text)):
-            raise ValueError("every item needs an image or a text")
-        out = {}
-        for m, x, has in (("image", data.image, data.has_image), ("text", data.text, data.has_text)):
-            out[m] = torch.from_numpy(self._prep(x[has])).to(self.device)
-        return out
+        self.check_usable(data)
+        return {m: torch.from_numpy(self._prep(x[has])).to(self.device)
+                for m, x, has in (("image", data.image, data.has_image), ("text", data.text, data.has_text))}
+
+    def _samplers(self, rows: dict[str, torch.Tensor], ops: GlobalOps) -> dict[str, EpochSampler]:
+        """One lock-step sampler per modality; BatchNorm needs at least 2 rows per batch."""
+        bs = max(2, self.config.batch_size)
+        steps = {m: max(1, -(-global_max(len(rows[m]), ops) // bs)) for m in MODALITIES}
+        for m in MODALITIES:  # every worker refuses together: none is left waiting in a collective
+            check_min_batch(len(rows[m]), steps[m], 2, ops, f"DM2C {m} items")
+        return {m: self.streams.sampler(m, len(rows[m]), steps[m], min_batch=2) for m in MODALITIES}
 
     # ----------------------------------------------------------------------------------- fitting
-    def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "DM2C":
+    def _fit(self, data: MultiViewData, ops: GlobalOps, resume: Resume | None) -> None:
         cfg = self.config
         rows = self._modal_rows(data)
-        # collectives get tensors on the training device (NCCL needs CUDA tensors)
-        counts = ops.all_reduce_sum(torch.tensor([len(rows["image"]), len(rows["text"])], dtype=torch.float64,
-                                                 device=self.device)).cpu()
-        n_img, n_txt = int(counts[0]), int(counts[1])
-        if min(n_img, n_txt) < 2:
-            raise ValueError(f"DM2C needs >= 2 items of each modality, got {n_img} images and {n_txt} texts")
-        if min(len(rows["image"]), len(rows["text"])) < 2:
-            raise ValueError("every worker needs >= 2 local items of each modality")
-        resume = self.resume_state or {}
+        self.dims_ = {"image": int(data.image.shape[1]), "text": int(data.text.shape[1])}
+        raw = self._new_nets(self.dims_["image"], self.dims_["text"])
+        samplers = self._samplers(rows, ops)
+        start, opt_states = 0, None
         self.counters_ = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
-        self.history_ = []
-        raw = self.build_nets(data.image.shape[1], data.text.shape[1])
-        resumed = resume.get("phase") == "pretrained"
-        if resumed:  # all six networks: the mappings and critics keep their initial weights too
+        if resume is not None:  # all six networks: the mappings and critics keep their initial weights too
             for k, v in raw.items():
-                v.load_state_dict(resume["nets"][k])
-            self.counters_, self.history_ = dict(resume["counters"]), list(resume["history"])
-            self.history_.append({"phase": "resumed", "from": "pretrained"})
-        self.nets = raw
+                v.load_state_dict(resume.state["nets"][k])
+            self.counters_ = {k: int(v) for k, v in resume.state["counters"].items()}
+            start, opt_states = int(resume.state.get("epoch", 0)), resume.state.get("optimizers")
+        self.nets_ = raw
         net = {k: self.wrap(v) for k, v in raw.items()}
-        rng = np.random.default_rng([cfg.seed, ops.rank])
-        pools = {m: _Pool(rows[m], cfg.batch_size, rng) for m in MODALITIES}
-        world = max(1, ops.world_size)
-        if resumed and ops.world_size == 1:  # one process: its streams continue as if never interrupted
-            rng.bit_generator.state = resume["rng"]["numpy"]
-            torch.set_rng_state(resume["rng"]["torch"])
-            for m in MODALITIES:
-                pools[m].order, pools[m].pos = resume["pools"][m]["order"].copy(), int(resume["pools"][m]["pos"])
-
-        # 1) autoencoder pretraining, each modality on its own items
-        for m, key in () if resumed else (("image", "ae_i"), ("text", "ae_t")):
-            n_glob = n_img if m == "image" else n_txt
-            steps = max(1, math.ceil(n_glob / (pools[m].bs * world)))
-            opt = torch.optim.Adam(net[key].parameters(), lr=cfg.lr_ae, weight_decay=cfg.weight_decay)
-            net[key].train()
-            for ep in range(cfg.pretrain_epochs):
-                tot = 0.0
-                for _ in range(steps):
-                    x = pools[m].next()
-                    _, xr = net[key](x)
-                    loss = reconstruction_loss(x, xr, cfg.loss_reduction)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    self.counters_["pretrain_steps"] += 1
-                    tot += float(loss.detach())
-                self._report({"phase": "pretrain", "modality": m, "epoch": ep, "recon": tot / steps})
-        if self.checkpoint_fn is not None and not resumed:
-            self.checkpoint_fn(copy.deepcopy({
-                "phase": "pretrained", "nets": {k: v.state_dict() for k, v in raw.items()},
-                "counters": self.counters_, "history": self.history_,
-                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
-                "pools": {m: {"order": pools[m].order, "pos": pools[m].pos} for m in MODALITIES}}))
-
-        # 2) adversarial training
-        self.train_adversarial(net, pools, n_img, n_txt, world)
-
-        # 3) unify and cluster
+        if resume is None:
+            for m, key in (("image", "ae_i"), ("text", "ae_t")):
+                pretrain_autoencoder(net[key], rows[m], epochs=cfg.pretrain_epochs, lr=cfg.lr_ae,
+                                     weight_decay=cfg.weight_decay, sampler=samplers[m], ops=ops, device=self.device,
+                                     loss=partial(reconstruction_loss, reduction=cfg.loss_reduction),
+                                     report=self._report, view=m)
+                self.counters_["pretrain_steps"] += cfg.pretrain_epochs * samplers[m].steps
+            self._checkpoint(Phase.PRETRAINED, ops, self._training_state(0, None))
+        self._train_adversarial(net, rows, samplers, ops, start, opt_states)
         for v in raw.values():
             v.eval()
         self.target_ = self._choose_target(rows, ops)
-        z = self._embed_tensor(data)
-        self.centroids = self._global_kmeans(z, ops)
-        return self
+        z = self._embed_tensor(data).cpu()
+        init = InitConfig(nredo=cfg.kmeans_nredo, niter=cfg.kmeans_niter, sample=cfg.kmeans_sample)
+        self.cluster_centers_ = init_centroids(z, self.n_clusters, init, ops, seed=self._kmeans_seed(),
+                                               rng=self.streams.generator("kmeans_sample")).numpy()
+        self.n_iter_ = self.counters_["gen_steps"]
+        self.labels_ = squared_distances(z.numpy(), self.cluster_centers_).argmin(1)
 
-    def train_adversarial(self, net: dict[str, nn.Module], pools: dict[str, _Pool], n_img: int, n_txt: int,
-                          world: int = 1) -> None:
-        """The adversarial phase: ``adv_epochs`` x steps-per-epoch generator steps, with the critic
-        schedule of the config. Works on (possibly wrapped) ``net``."""
+    def _training_state(self, epoch: int, opts: dict[str, torch.optim.Optimizer] | None) -> dict[str, Any]:
+        state = {"nets": {k: v.state_dict() for k, v in self.nets_.items()}, "counters": dict(self.counters_),
+                 "epoch": epoch}
+        if opts is not None:
+            state["optimizers"] = {k: o.state_dict() for k, o in opts.items()}
+        return state
+
+    def _train_adversarial(self, net: dict[str, nn.Module], rows: dict[str, torch.Tensor],
+                           samplers: dict[str, EpochSampler], ops: GlobalOps, start: int,
+                           opt_states: dict[str, Any] | None) -> None:
+        """``adv_epochs`` epochs of generator steps (as many per epoch as the larger modality's sampler),
+        with the critic schedule of the config; a checkpoint every ``checkpoint_every`` epochs."""
         cfg = self.config
-        bs = max(pools["image"].bs, pools["text"].bs)
-        steps = max(1, math.ceil(max(n_img, n_txt) / (bs * world)))
+        steps = max(s.steps for s in samplers.values())
         ae_params = list(net["ae_i"].parameters()) + list(net["ae_t"].parameters())
         g_params = list(net["g_it"].parameters()) + list(net["g_ti"].parameters())
-        opt_g = torch.optim.RMSprop([{"params": ae_params, "lr": cfg.lr_ae}, {"params": g_params, "lr": cfg.lr_g}],
-                                    lr=cfg.lr_g, weight_decay=cfg.weight_decay)
-        d_params = list(net["d_i"].parameters()) + list(net["d_t"].parameters())
-        opt_d = torch.optim.RMSprop(d_params, lr=cfg.lr_d, weight_decay=cfg.weight_decay)
+        opts = {"g": torch.optim.RMSprop([{"params": ae_params, "lr": cfg.lr_ae}, {"params": g_params, "lr": cfg.lr_g}],
+                                         lr=cfg.lr_g, weight_decay=cfg.weight_decay),
+                "d": torch.optim.RMSprop(list(net["d_i"].parameters()) + list(net["d_t"].parameters()),
+                                         lr=cfg.lr_d, weight_decay=cfg.weight_decay)}
+        if opt_states is not None:
+            for k, o in opts.items():
+                o.load_state_dict(opt_states[k])
+        batch = {m: (lambda m=m: rows[m][torch.from_numpy(samplers[m].next()).to(rows[m].device)]) for m in MODALITIES}
         for v in net.values():
             v.train()
-
-        def critic_step(z_i, z_t, fake_i, fake_t) -> tuple[float, float]:
-            w_i = critic_objective(net["d_i"], z_i, fake_i)
-            w_t = critic_objective(net["d_t"], z_t, fake_t)
-            opt_d.zero_grad(set_to_none=True)
-            (-(w_i + w_t)).backward()
-            opt_d.step()
-            clip_weights(net["d_i"], cfg.clip)
-            clip_weights(net["d_t"], cfg.clip)
-            self.counters_["critic_steps"] += 1
-            return float(w_i.detach()), float(w_t.detach())
-
-        def fresh_critic_batch():
-            with torch.no_grad():
-                z_i, _ = net["ae_i"](pools["image"].next())
-                z_t, _ = net["ae_t"](pools["text"].next())
-                return z_i, z_t, net["g_ti"](z_t), net["g_it"](z_i)
-
-        for ep in range(cfg.adv_epochs):
-            sums = {"total": 0.0, "recon": 0.0, "cycle": 0.0, "adv": 0.0, "w_i": 0.0, "w_t": 0.0}
+        for ep in range(start, cfg.adv_epochs):
+            sums = dict.fromkeys(("total", "recon", "cycle", "adv", "w_i", "w_t"), 0.0)
             n_crit = 0
             for _ in range(steps):
-                if cfg.critic_schedule == "paper":
-                    for _ in range(cfg.n_critic):
-                        wi, wt = critic_step(*fresh_critic_batch())
-                        sums["w_i"] += wi
-                        sums["w_t"] += wt
-                        n_crit += 1
+                for _ in range(cfg.n_critic if cfg.critic_schedule == "paper" else 0):
+                    with torch.no_grad():
+                        z_i, _ = net["ae_i"](batch["image"]())
+                        z_t, _ = net["ae_t"](batch["text"]())
+                        fakes = net["g_ti"](z_t), net["g_it"](z_i)
+                    n_crit += self._critic_step(net, opts["d"], z_i, z_t, *fakes, sums)
                 out = generator_losses(net["ae_i"], net["ae_t"], net["g_it"], net["g_ti"], net["d_i"], net["d_t"],
-                                       pools["image"].next(), pools["text"].next(), cfg)
-                opt_g.zero_grad(set_to_none=True)
+                                       batch["image"](), batch["text"](), cfg)
+                opts["g"].zero_grad(set_to_none=True)
                 out["total"].backward()
-                opt_g.step()
+                opts["g"].step()
                 self.counters_["gen_steps"] += 1
                 for k in ("total", "recon", "cycle", "adv"):
                     sums[k] += float(out[k].detach())
-                if (cfg.critic_schedule == "public_code"
-                        and self.counters_["gen_steps"] % cfg.public_code_gen_per_critic == 0):
-                    wi, wt = critic_step(out["z_i"], out["z_t"], out["fake_i"], out["fake_t"])
-                    sums["w_i"] += wi
-                    sums["w_t"] += wt
-                    n_crit += 1
-            rec = {"phase": "adversarial", "epoch": ep}
-            rec.update({k: sums[k] / steps for k in ("total", "recon", "cycle", "adv")})
-            rec.update({k: (sums[k] / n_crit if n_crit else float("nan")) for k in ("w_i", "w_t")})
-            rec["critic_steps"] = n_crit
+                if cfg.critic_schedule == "public_code" and self.counters_["gen_steps"] % cfg.public_code_gen_per_critic == 0:
+                    n_crit += self._critic_step(net, opts["d"], out["z_i"], out["z_t"], out["fake_i"], out["fake_t"], sums)
+            rec = {"phase": "adversarial", "epoch": ep, **{k: sums[k] / steps for k in ("total", "recon", "cycle", "adv")},
+                   **{k: (sums[k] / n_crit if n_crit else float("nan")) for k in ("w_i", "w_t")}, "critic_steps": n_crit}
             self._report(rec)
+            if cfg.checkpoint_every and (ep + 1) % cfg.checkpoint_every == 0 and ep + 1 < cfg.adv_epochs:
+                self._checkpoint(Phase.ADVERSARIAL, ops, self._training_state(ep + 1, opts))
 
-    def _report(self, rec: dict[str, Any]) -> None:
-        self.history_.append(rec)
-        if self.on_epoch is not None:
-            self.on_epoch(rec)
+    def _critic_step(self, net, opt_d, z_i, z_t, fake_i, fake_t, sums: dict[str, float]) -> int:
+        """One critic update (maximise both Wasserstein estimates, then clip); adds to ``sums``."""
+        w_i = critic_objective(net["d_i"], z_i, fake_i)
+        w_t = critic_objective(net["d_t"], z_t, fake_t)
+        opt_d.zero_grad(set_to_none=True)
+        (-(w_i + w_t)).backward()
+        opt_d.step()
+        clip_weights(net["d_i"], self.config.clip)
+        clip_weights(net["d_t"], self.config.clip)
+        self.counters_["critic_steps"] += 1
+        sums["w_i"] += float(w_i.detach())
+        sums["w_t"] += float(w_t.detach())
+        return 1
 
     # ------------------------------------------------------------------------- unify and cluster
-    @torch.no_grad()
     def _latents(self, rows: torch.Tensor, modality: str) -> torch.Tensor:
-        ae = self.nets["ae_i" if modality == "image" else "ae_t"]
-        ae.eval()
-        return ae.encoder(rows) if len(rows) else rows.new_zeros((0, self.config.latent_dim))
+        ae = self.nets_["ae_i" if modality == "image" else "ae_t"]
+        return forward_in_batches(ae.encoder, rows, device=self.device, batch_size=self.config.eval_batch_size)[0]
 
     def _choose_target(self, rows: dict[str, torch.Tensor], ops: GlobalOps) -> str:
+        """The configured target modality, or ("auto") the one whose own latents have the higher k-means
+        silhouette on a gathered sample (computed on rank 0, broadcast)."""
         if self.config.target_modality != "auto":
+            self.silhouette_ = {}
             return self.config.target_modality
         from sklearn.metrics import silhouette_score
 
         cfg = self.config
-        scores = {}
-        rng = np.random.default_rng([cfg.seed, 7, ops.rank])
-        for m in MODALITIES:
+        scores = torch.full((2,), -1.0, dtype=torch.float64)
+        for i, m in enumerate(MODALITIES):
             z = self._latents(rows[m], m)
             if cfg.embed_norm == "l2":  # judge each space in the geometry k-means will see
                 z = torch.nn.functional.normalize(z, dim=1)
             take = max(1, cfg.auto_sample // max(1, ops.world_size))
             if len(z) > take:
-                z = z[torch.from_numpy(np.sort(rng.choice(len(z), take, replace=False))).to(z.device)]
-            zall = ops.all_gather_cat(z).cpu().numpy().astype(np.float32)
+                z = z[torch.from_numpy(np.sort(self.streams.generator("auto_sample").choice(len(z), take, replace=False)))]
+            zall = ops.all_gather_cat(z.contiguous()).numpy().astype(np.float32)
             k = min(self.n_clusters, len(zall) - 1)
-            if k < 2:
-                scores[m] = -1.0
-                continue
-            _, lab, _ = kmeans(zall, k, seed=cfg.seed, niter=cfg.kmeans_niter, nredo=cfg.kmeans_nredo)
-            scores[m] = float(silhouette_score(zall, lab)) if len(np.unique(lab)) > 1 else -1.0
-        self.silhouette_ = scores
-        pick = torch.tensor([0.0 if scores["image"] >= scores["text"] else 1.0], dtype=torch.float64,
-                            device=self.device)
-        pick = ops.broadcast(pick, src=0).cpu()
-        return "image" if float(pick[0]) == 0.0 else "text"
+            if ops.rank == 0 and k >= 2:
+                _, lab, _ = kmeans(zall, k, seed=self._kmeans_seed(1 + i), niter=cfg.kmeans_niter, nredo=cfg.kmeans_nredo)
+                scores[i] = float(silhouette_score(zall, lab)) if len(np.unique(lab)) > 1 else -1.0
+        scores = ops.broadcast(scores, src=0) if ops.world_size > 1 else scores
+        self.silhouette_ = {m: float(scores[i]) for i, m in enumerate(MODALITIES)}
+        return "image" if scores[0] >= scores[1] else "text"
 
-    @torch.no_grad()
     def _embed_tensor(self, data: MultiViewData) -> torch.Tensor:
-        if self.nets is None or self.target_ is None:
-            raise RuntimeError("DM2C is not fitted")
-        for v in self.nets.values():
-            v.eval()
-        n = len(data)
+        self._fitted("nets_")
+        self._fitted("target_")
+        self.check_usable(data)
         tgt = self.target_
         other = "text" if tgt == "image" else "image"
         has = {"image": np.asarray(data.has_image, bool), "text": np.asarray(data.has_text, bool)}
-        if np.any(~(has["image"] | has["text"])):
-            raise ValueError("every item needs an image or a text")
         feats = {"image": data.image, "text": data.text}
-        out = torch.zeros((n, self.config.latent_dim), device=self.device)
+        out = torch.zeros((len(data), self.config.latent_dim))
         own = has[tgt]
         if own.any():
-            x = torch.from_numpy(self._prep(feats[tgt][own])).to(self.device)
-            out[torch.from_numpy(np.flatnonzero(own)).to(self.device)] = self._latents(x, tgt)
+            out[torch.from_numpy(np.flatnonzero(own))] = self._latents(torch.from_numpy(self._prep(feats[tgt][own])), tgt)
         mapped = ~own  # these have only the other modality
         if mapped.any():
-            x = torch.from_numpy(self._prep(feats[other][mapped])).to(self.device)
-            g = self.nets["g_ti" if tgt == "image" else "g_it"]
-            out[torch.from_numpy(np.flatnonzero(mapped)).to(self.device)] = g(self._latents(x, other))
+            g = self.nets_["g_ti" if tgt == "image" else "g_it"]
+            z = self._latents(torch.from_numpy(self._prep(feats[other][mapped])), other)
+            out[torch.from_numpy(np.flatnonzero(mapped))] = forward_in_batches(
+                g, z, device=self.device, batch_size=self.config.eval_batch_size)[0]
         if self.config.embed_norm == "l2":
             out = torch.nn.functional.normalize(out, dim=1)
         return out
 
-    def _global_kmeans(self, z: torch.Tensor, ops: GlobalOps) -> np.ndarray:
-        cfg = self.config
-        if cfg.kmeans_sample is not None and len(z) > cfg.kmeans_sample:
-            rng = np.random.default_rng([cfg.seed, 11, ops.rank])
-            z = z[torch.from_numpy(np.sort(rng.choice(len(z), cfg.kmeans_sample, replace=False))).to(z.device)]
-        zall = ops.all_gather_cat(z).cpu().numpy()
-        cent, _, self.inertia_ = kmeans(zall, self.n_clusters, seed=cfg.seed, niter=cfg.kmeans_niter,
-                                        nredo=cfg.kmeans_nredo)
-        cent_t = ops.broadcast(torch.from_numpy(cent).to(self.device), src=0)
-        return cent_t.cpu().numpy().astype(np.float32)
-
     # ------------------------------------------------------------------------------- interface
     def embed(self, data: MultiViewData) -> np.ndarray:
         """Every item in the target modality's latent space (the other modality through G)."""
-        return self._embed_tensor(data).cpu().numpy()
-
-    def _sq_dist(self, data: MultiViewData) -> np.ndarray:
-        if self.centroids is None:
-            raise RuntimeError("DM2C is not fitted")
-        z = self.embed(data).astype(np.float64)
-        c = self.centroids.astype(np.float64)
-        return np.maximum((z * z).sum(1)[:, None] - 2 * z @ c.T + (c * c).sum(1)[None, :], 0.0)
-
-    def soft_assign(self, data: MultiViewData) -> np.ndarray:
-        return soft_from_distances(self._sq_dist(data))
-
-    def predict(self, data: MultiViewData) -> np.ndarray:
-        return self._sq_dist(data).argmin(axis=1)
+        return self._embed_tensor(data).numpy()
 
     def state_dict(self) -> dict[str, Any]:
-        if self.nets is None:
-            raise RuntimeError("DM2C is not fitted")
-        return {
-            "n_clusters": self.n_clusters, "config": asdict(self.config), "dims": dict(self.dims_),
-            "target": self.target_, "centroids": None if self.centroids is None else self.centroids.copy(),
-            "nets": {k: {n: t.detach().cpu().clone() for n, t in unwrap(v).state_dict().items()}
-                     for k, v in self.nets.items()},
-            "silhouette": dict(self.silhouette_), "counters": dict(self.counters_),
-        }
+        self._fitted("cluster_centers_")
+        return {**self._header(), "dims": dict(self.dims_), "target": self.target_,
+                "centroids": self.cluster_centers_.copy(),
+                "nets": {k: self._net_state(unwrap(v)) for k, v in self.nets_.items()},
+                "silhouette": dict(self.silhouette_), "counters": dict(self.counters_)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_clusters = int(state["n_clusters"])
-        cfg = dict(state["config"])
-        self.config = DM2CConfig(**cfg)
-        self.device = resolve_device(self.config.device)
-        self.nets = self.build_nets(state["dims"]["image"], state["dims"]["text"])
-        for k, v in self.nets.items():
+        self._read_header(state)
+        self.dims_ = {k: int(v) for k, v in state["dims"].items()}
+        self.nets_ = self._new_nets(self.dims_["image"], self.dims_["text"])
+        for k, v in self.nets_.items():
             v.load_state_dict(state["nets"][k])
             v.eval()
         self.target_ = state["target"]
-        self.centroids = None if state["centroids"] is None else np.asarray(state["centroids"], dtype=np.float32)
+        self.cluster_centers_ = np.asarray(state["centroids"], dtype=np.float32)
         self.silhouette_ = dict(state.get("silhouette", {}))
-        self.counters_ = dict(state.get("counters", self.counters_))
-
+        self.counters_ = {k: int(v) for k, v in state.get("counters", {}).items()}
+        self.n_iter_ = self.counters_.get("gen_steps", 0)

@@ -17,12 +17,13 @@ t -> v with centroids nu (soft assignment r) -- trained together:
 
 The paper's equations were lost in extraction; the reconstruction is /work/shared/ALGORITHMS.md.
 Where the paper leaves a choice open, the option is named in :class:`JECLConfig` and documented.
-Distributed training follows the contract of :mod:`raymmc.cluster.dec`.
+Training is the template of :mod:`raymmc.cluster.selftrain` (phases, checkpoints, lock-step batches).
+An item without a caption is assigned through its image (q), one without an image through its
+caption (r); an item with neither cannot be assigned (``usable``) and is rejected by the pipeline.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,18 +31,17 @@ import numpy as np
 import torch
 
 from raymmc.cluster.assignment import align_from_cooccurrence
-from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
-from raymmc.cluster.dec import (AEConfig, BatchSampler, Callback, ClusterLoopConfig, InitConfig, config_from_dict,
-                                config_to_dict, encode, kmeans_init, make_optimizer, prepare_features,
-                                pretrain_autoencoder, steps_per_epoch)
-from raymmc.cluster.losses import (global_soft_frequency, joint_target, jsd, kl_div, label_change_fraction,
-                                   mean_assignment, uniform_kl)
-from raymmc.cluster.nets import (AutoEncoder, ClusteringHead, TwoViewClusteringNet, Wrap, identity_wrap, resolve_device,
-                                 seed_everything, unwrap)
+from raymmc.cluster.base import GlobalOps, MultiViewData
+from raymmc.cluster.dec import build_autoencoder
+from raymmc.cluster.losses import global_soft_frequency, joint_target, jsd, kl_div, mean_assignment, uniform_kl
+from raymmc.cluster.nets import ClusteringHead, TwoViewClusteringNet, forward_in_batches, unwrap
+from raymmc.cluster.pretrain import AEConfig
+from raymmc.cluster.selftrain import SelfTrainingClusterer, SelfTrainingModelConfig
+from raymmc.cluster.views import prepare_features
 
 
 @dataclass
-class JECLConfig:
+class JECLConfig(SelfTrainingModelConfig):
     # --- the paper's hyper-parameters (Sec. IV-D: 0.5, 0.1, 0.1 in all experiments) -------------
     # Weight of the image view in the joint target and the final assignment.  Ours: 0.3 (the
     # paper: 0.5, "stable between 0.3 and 0.7").  On the tuxpaint demo archive the caption view is
@@ -67,14 +67,8 @@ class JECLConfig:
     # raw sums: equal for complete data; with missing captions it keeps lam the real weight of
     # the image view instead of up-weighting the text term by n_items / n_captioned.
     frequency_as_fraction: bool = True
-    normalize_input: bool = True  # each view's rows L2-normalised ...
-    input_scale: float | Literal["sqrt_dim"] = "sqrt_dim"  # ... then scaled (sqrt(d): unit mean square)
     image_ae: AEConfig = field(default_factory=AEConfig)
     text_ae: AEConfig = field(default_factory=AEConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    cluster: ClusterLoopConfig = field(default_factory=ClusterLoopConfig)
-    device: str = "auto"
-    use_gpu_kmeans: bool = True
 
 
 def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor,
@@ -114,101 +108,86 @@ def combine(q: torch.Tensor, r: torch.Tensor, has_image: torch.Tensor, has_text:
     return torch.where(none, torch.full_like(q, 1.0 / q.shape[1]), out)
 
 
-class JECL(Clusterer):
-    def __init__(self, n_clusters: int, config: JECLConfig | dict | None = None, seed: int = 0,
-                 on_epoch: Callback | None = None, wrap: Wrap | None = None):
-        self.n_clusters = int(n_clusters)
-        self.config: JECLConfig = config_from_dict(JECLConfig, config)
-        self.seed = int(seed)
-        self.on_epoch = on_epoch
-        self.wrap = wrap or identity_wrap
-        self.net: TwoViewClusteringNet | None = None
-        self.dims: tuple[int, int] | None = None
-        self.perm: np.ndarray | None = None
-        self.history: dict[str, Any] = {}
+class _JECLObjective:
+    """JECL's joint target and loss on the local rows (image x, text t, their masks)."""
 
-    # ---------------------------------------------------------------------------------------
-    def _features(self, data: MultiViewData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __init__(self, net: torch.nn.Module, rows: dict[str, torch.Tensor], cfg: JECLConfig, ops: GlobalOps,
+                 device: torch.device):
+        self.net, self.rows, self.cfg, self.ops, self.device = net, rows, cfg, ops, device
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = self.cfg, self.rows
+        _, q, _, rt = forward_in_batches(unwrap(self.net), r["x"], r["t"], device=self.device,
+                                         batch_size=c.eval_batch_size)
+        f = global_soft_frequency(q, self.ops, r["hi"], normalize=c.frequency_as_fraction)
+        g = global_soft_frequency(rt, self.ops, r["ht"], normalize=c.frequency_as_fraction)
+        p = joint_target(q, rt, f, g, c.lam, has_text=r["ht"], has_image=r["hi"])
+        return p, combine(q, rt, r["hi"], r["ht"], c.lam).argmax(1)
+
+    def loss(self, idx: np.ndarray, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        c, i, dev = self.cfg, torch.from_numpy(idx), self.device
+        r = self.rows
+        _, q, _, rt = self.net(r["x"][i].to(dev), r["t"][i].to(dev))
+        return jecl_loss(p[i].to(dev), q, rt, r["hi"][i].to(dev), r["ht"][i].to(dev), c.beta, c.gamma, c.align,
+                         c.regularize)
+
+
+class JECL(SelfTrainingClusterer):
+    """JECL on paired image and text features (``has_image`` / ``has_text`` flag missing ones).
+
+    Fitted: ``net_`` (image encoder + mu, text encoder + nu), ``perm_`` (the text clusters' matching to
+    the image clusters at initialisation), ``init_agreement_`` (the matched fraction, or None)."""
+
+    name = "jecl"
+    Config = JECLConfig
+
+    def usable(self, data: MultiViewData) -> np.ndarray:
+        return np.asarray(data.has_image, bool) | np.asarray(data.has_text, bool)
+
+    def _rows(self, data: MultiViewData) -> dict[str, torch.Tensor]:
         c = self.config
         if data.image is None or data.text is None:
             raise ValueError("JECL needs both image and text features (use has_image/has_text for missing ones)")
         x = prepare_features(data.image, c.normalize_input, c.input_scale) * data.has_image[:, None]
         t = prepare_features(data.text, c.normalize_input, c.input_scale) * data.has_text[:, None]
-        return (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(data.has_image.copy()),
-                torch.from_numpy(data.has_text.copy()))
+        return {"x": torch.from_numpy(x), "t": torch.from_numpy(t), "hi": self._bool_tensor(data.has_image),
+                "ht": self._bool_tensor(data.has_text)}
 
-    @staticmethod
-    def _build_ae(in_dim: int, a: AEConfig) -> AutoEncoder:
-        return AutoEncoder(in_dim, a.hidden, a.latent, a.activation, a.noise, a.init_std)
+    def _autoencoders(self, dims: list[int]) -> dict[str, torch.nn.Module]:
+        return {"image": build_autoencoder(dims[0], self.config.image_ae),
+                "text": build_autoencoder(dims[1], self.config.text_ae)}
 
-    def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "JECL":
-        c = self.config
-        k = self.n_clusters
-        device = resolve_device(c.device)
-        gen = seed_everything(self.seed)
-        x, t, hi, ht = self._features(data)
-        t0 = time.time()
+    def _pretrain_sets(self, rows):
+        return {"image": (rows["x"][rows["hi"]], self.config.image_ae),
+                "text": (rows["t"][rows["ht"]], self.config.text_ae)}
 
-        resume = self.resume_state or {}
-        # 1. per-view autoencoders, each on the items that have that view
-        img_ae = self._build_ae(x.shape[1], c.image_ae).to(device)
-        txt_ae = self._build_ae(t.shape[1], c.text_ae).to(device)
-        if resume.get("phase") == "cluster":
-            # Resumed mid self-training: the checkpointed net carries encoders and centroids.
-            self.load_state_dict(resume["model"])
-            net, perm = self.net.train(), self.perm
-            self.history["resumed_from"] = {"phase": "cluster", "step": resume["step"]}
+    def _initialise(self, aes, rows, ops) -> torch.nn.Module:
+        c, k = self.config, self.n_clusters
+        z, v = self._embed_rows(aes["image"].encoder, rows["x"]), self._embed_rows(aes["text"].encoder, rows["t"])
+        hi, ht = rows["hi"], rows["ht"]
+        self.perm_, self.init_agreement_ = np.arange(k), None
+        if c.init_mode == "joint":
+            mu, nu = self._joint_init(z, v, hi, ht, ops)
+        elif c.init_mode == "per_view":
+            mu, nu = self._init_kmeans(z[hi], ops, 0), self._init_kmeans(v[ht], ops, 1)
+            if c.match_clusters:  # text clusters matched to image clusters on the items with both views
+                both = hi & ht
+                la, lb = torch.cdist(z[both], mu).argmin(1), torch.cdist(v[both], nu).argmin(1)
+                cooc = torch.zeros(k, k, dtype=torch.float64)
+                cooc.index_put_((la, lb), torch.ones(len(la), dtype=torch.float64), accumulate=True)
+                cooc = ops.all_reduce_sum(cooc).numpy()
+                self.perm_ = align_from_cooccurrence(cooc)
+                nu = nu[torch.from_numpy(self.perm_)]
+                self.init_agreement_ = float(np.trace(cooc[:, self.perm_]) / max(cooc.sum(), 1.0))
         else:
-            if resume.get("phase") == "pretrained":
-                img_ae.load_state_dict(resume["image_ae"])
-                txt_ae.load_state_dict(resume["text_ae"])
-                self.history["resumed_from"] = {"phase": "pretrained"}
-            else:
-                self.history["pretrain_image"] = pretrain_autoencoder(self.wrap(img_ae), x[hi], c.image_ae, ops, gen, device,
-                                                                      self.on_epoch, "pretrain_image")
-                self.history["pretrain_text"] = pretrain_autoencoder(self.wrap(txt_ae), t[ht], c.text_ae, ops, gen, device,
-                                                                     self.on_epoch, "pretrain_text")
-                if self.checkpoint_fn is not None:
-                    self.checkpoint_fn({"phase": "pretrained", "image_ae": _cpu_state(img_ae),
-                                        "text_ae": _cpu_state(txt_ae)})
-            z = encode(img_ae.encoder, x, device)
-            v = encode(txt_ae.encoder, t, device)
-            perm = np.arange(k)
-            if c.init_mode == "joint":
-                mu, nu = self._joint_init(z, v, hi, ht, ops, gen)
-            elif c.init_mode == "per_view":
-                # 2. per-view k-means init (image view: items with an image; text view: items with a caption)
-                mu, _ = kmeans_init(z[hi], k, c.init, ops, self.seed, gen, c.use_gpu_kmeans)
-                nu, _ = kmeans_init(v[ht], k, c.init, ops, self.seed + 1, gen, c.use_gpu_kmeans)
-                # 3. match text clusters to image clusters (co-occurrence over items with both views, all-reduced)
-                if c.match_clusters:
-                    both = hi & ht
-                    la = torch.cdist(z[both], mu).argmin(1)
-                    lb = torch.cdist(v[both], nu).argmin(1)
-                    cooc = torch.zeros(k, k, dtype=torch.float64)
-                    cooc.index_put_((la, lb), torch.ones(len(la), dtype=torch.float64), accumulate=True)
-                    cooc = ops.all_reduce_sum(cooc)
-                    perm = align_from_cooccurrence(cooc.numpy())
-                    nu = nu[torch.from_numpy(perm)]
-                    self.history["init_agreement"] = float(np.trace(cooc.numpy()[:, perm]) / max(cooc.sum().item(), 1.0))
-            else:
-                raise ValueError(f"unknown init_mode {c.init_mode!r}")
-            self.perm = perm
+            raise ValueError(f"unknown init_mode {c.init_mode!r}")
+        return TwoViewClusteringNet(ClusteringHead(aes["image"].encoder, mu, c.cluster.alpha),
+                                    ClusteringHead(aes["text"].encoder, nu, c.cluster.alpha))
 
-            # 4. joint self-training
-            net = TwoViewClusteringNet(ClusteringHead(img_ae.encoder, mu, c.cluster.alpha),
-                                       ClusteringHead(txt_ae.encoder, nu, c.cluster.alpha)).to(device)
-        self.dims = (x.shape[1], t.shape[1])
-        self.history["cluster"] = self._cluster_loop(self.wrap(net), x, t, hi, ht, ops, gen, device,
-                                                     start=int(resume.get("step", 0)))
-        self.history["seconds"] = time.time() - t0
-        self.net = net.eval()
-        return self
-
-    def _joint_init(self, z, v, hi, ht, ops: GlobalOps, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    def _joint_init(self, z, v, hi, ht, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means on [z, v] (items with both views; each block scaled by its global mean norm),
         centroids split back into mu (image) and nu (text) as per-cluster means of z and v."""
-        c, k = self.config, self.n_clusters
+        k = self.n_clusters
         both = hi & ht
         zb, vb = z[both], v[both]
         norms = ops.all_reduce_sum(torch.tensor([zb.norm(dim=1).sum().item(), vb.norm(dim=1).sum().item(),
@@ -216,125 +195,52 @@ class JECL(Clusterer):
         sz = float(norms[0] / max(float(norms[2]), 1.0)) or 1.0
         sv = float(norms[1] / max(float(norms[2]), 1.0)) or 1.0
         joint = torch.cat([zb / sz, vb / sv], dim=1)
-        cent, _ = kmeans_init(joint, k, c.init, ops, self.seed, gen, c.use_gpu_kmeans)
-        labels = torch.cdist(joint, cent).argmin(1)
-        onehot = torch.nn.functional.one_hot(labels, k).double()
+        cent = self._init_kmeans(joint, ops)
+        onehot = torch.nn.functional.one_hot(torch.cdist(joint, cent).argmin(1), k).double()
         sums = ops.all_reduce_sum(torch.cat([onehot.T @ zb.double(), onehot.T @ vb.double(),
                                              onehot.sum(0)[:, None]], dim=1))
         dz = zb.shape[1]
         cnt = torch.clamp(sums[:, -1:], min=1.0)
-        mu, nu = (sums[:, :dz] / cnt).float(), (sums[:, dz:-1] / cnt).float()
-        return mu, nu
+        return (sums[:, :dz] / cnt).float(), (sums[:, dz:-1] / cnt).float()
 
-    @torch.no_grad()
-    def _soft_all(self, net: TwoViewClusteringNet, x, t, device, batch_size: int = 4096):
-        qs, rs = [], []
-        for i in range(0, len(x), batch_size):
-            _, q, _, r = net(x[i:i + batch_size].to(device), t[i:i + batch_size].to(device))
-            qs.append(q.cpu())
-            rs.append(r.cpu())
-        if not qs:
-            e = torch.zeros(0, self.n_clusters)
-            return e, e
-        return torch.cat(qs), torch.cat(rs)
+    def _empty_net(self, dims: list[int]) -> torch.nn.Module:
+        c, k = self.config, self.n_clusters
+        return TwoViewClusteringNet(
+            ClusteringHead(build_autoencoder(dims[0], c.image_ae).encoder, torch.zeros(k, c.image_ae.latent),
+                           c.cluster.alpha),
+            ClusteringHead(build_autoencoder(dims[1], c.text_ae).encoder, torch.zeros(k, c.text_ae.latent),
+                           c.cluster.alpha))
 
-    def _cluster_loop(self, net, x, t, hi, ht, ops: GlobalOps, gen, device, start: int = 0) -> dict:
-        c, cl = self.config, self.config.cluster
-        inner = unwrap(net)
-        opt = make_optimizer(net.parameters(), cl.optimizer, cl.lr, cl.momentum)
-        steps_epoch = steps_per_epoch(len(x), cl.batch_size, ops)
-        interval = cl.update_interval or steps_epoch
-        sampler = BatchSampler(len(x), cl.batch_size, gen)
-        p, last, delta, updates, converged, step = None, None, 1.0, 0, False, 0
-        run = {}
-        run_n = 0
-        for step in range(start, cl.max_iter):
-            if step % interval == 0:
-                if self.checkpoint_fn is not None and step > start and updates % cl.checkpoint_every == 0:
-                    self.net = inner
-                    self.checkpoint_fn({"phase": "cluster", "step": step, "model": self.state_dict()})
-                inner.eval()
-                q_all, r_all = self._soft_all(inner, x, t, device)
-                inner.train()
-                f = global_soft_frequency(q_all, ops, hi, normalize=c.frequency_as_fraction)
-                g = global_soft_frequency(r_all, ops, ht, normalize=c.frequency_as_fraction)
-                p = joint_target(q_all, r_all, f, g, c.lam, has_text=ht, has_image=hi)
-                labels = combine(q_all, r_all, hi, ht, c.lam).argmax(1)
-                delta = label_change_fraction(labels, last, ops)
-                last = labels
-                if self.on_epoch is not None:
-                    keys = sorted(run)
-                    tot = ops.all_reduce_sum(torch.tensor([run[k_] for k_ in keys] + [run_n], dtype=torch.float64))
-                    info = {k_: float(tot[i] / max(float(tot[-1]), 1.0)) for i, k_ in enumerate(keys)}
-                    self.on_epoch({"phase": "cluster", "step": step, "update": updates, "delta_label": delta, **info})
-                run, run_n = {}, 0
-                updates += 1
-                if updates > cl.min_updates and delta < cl.tol:
-                    converged = True
-                    break
-            idx = sampler.next()
-            _, q, _, r = net(x[idx].to(device), t[idx].to(device))
-            terms = jecl_loss(p[idx].to(device), q, r, hi[idx].to(device), ht[idx].to(device), c.beta, c.gamma,
-                              c.align, c.regularize)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for k_, val in terms.items():
-                run[k_] = run.get(k_, 0.0) + float(val.detach()) * len(idx)
-            run_n += len(idx)
-        return {"steps": step, "updates": updates, "delta_label": delta, "converged": converged}
+    def _objective(self, net, rows, ops) -> _JECLObjective:
+        return _JECLObjective(net, rows, self.config, ops, self.device)
 
-    # ---------------------------------------------------------------------------------------
-    def _check(self) -> TwoViewClusteringNet:
-        if self.net is None:
-            raise RuntimeError("JECL is not fitted")
-        return self.net
+    def _fitted_extra(self) -> dict[str, Any]:
+        return {"perm": None if self.perm_ is None else np.asarray(self.perm_, dtype=np.int64),
+                "init_agreement": self.init_agreement_}
+
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        self.perm_ = None if state.get("perm") is None else np.asarray(state["perm"], dtype=np.int64)
+        self.init_agreement_ = state.get("init_agreement")
+
+    # -- prediction -----------------------------------------------------------------------------
+    def _outputs(self, data: MultiViewData):
+        net = self._check_fitted()
+        self.check_usable(data)
+        r = self._rows(data)
+        z, q, v, rt = forward_in_batches(net, r["x"], r["t"], device=self.device,
+                                         batch_size=self.config.eval_batch_size)
+        return r, z, q, v, rt
 
     def view_assignments(self, data: MultiViewData) -> tuple[np.ndarray, np.ndarray]:
         """``(q, r)``: the image and text soft assignments (rows of a missing view are meaningless)."""
-        net = self._check()
-        x, t, _, _ = self._features(data)
-        dev = next(net.parameters()).device
-        q, r = self._soft_all(net.eval(), x, t, dev)
-        return q.numpy(), r.numpy()
+        _, _, q, _, rt = self._outputs(data)
+        return q.numpy(), rt.numpy()
 
     def soft_assign(self, data: MultiViewData) -> np.ndarray:
-        net = self._check()
-        x, t, hi, ht = self._features(data)
-        dev = next(net.parameters()).device
-        q, r = self._soft_all(net.eval(), x, t, dev)
-        return combine(q, r, hi, ht, self.config.lam).double().numpy()
+        r, _, q, _, rt = self._outputs(data)
+        return combine(q, rt, r["hi"], r["ht"], self.config.lam).double().numpy()
 
     def embed(self, data: MultiViewData) -> np.ndarray:
         """``[z, v]``: image and text embeddings side by side (zeros for a missing view)."""
-        net = self._check()
-        x, t, hi, ht = self._features(data)
-        dev = next(net.parameters()).device
-        z = encode(net.image.encoder, x, dev) * hi[:, None]
-        v = encode(net.text.encoder, t, dev) * ht[:, None]
-        return torch.cat([z, v], dim=1).numpy()
-
-    def state_dict(self) -> dict[str, Any]:
-        net = self._check()
-        return {"kind": "jecl", "n_clusters": self.n_clusters, "seed": self.seed, "config": config_to_dict(self.config),
-                "dims": list(self.dims), "perm": None if self.perm is None else self.perm.tolist(),
-                "net": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_clusters = int(state["n_clusters"])
-        self.seed = int(state["seed"])
-        self.config = config_from_dict(JECLConfig, state["config"])
-        c = self.config
-        dx, dt = (int(d) for d in state["dims"])
-        img_ae, txt_ae = self._build_ae(dx, c.image_ae), self._build_ae(dt, c.text_ae)
-        k = self.n_clusters
-        net = TwoViewClusteringNet(ClusteringHead(img_ae.encoder, torch.zeros(k, c.image_ae.latent), c.cluster.alpha),
-                                   ClusteringHead(txt_ae.encoder, torch.zeros(k, c.text_ae.latent), c.cluster.alpha))
-        net.load_state_dict(state["net"])
-        self.net = net.to(resolve_device(c.device)).eval()
-        self.dims = (dx, dt)
-        self.perm = None if state.get("perm") is None else np.asarray(state["perm"])
-
-
-def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        r, z, _, v, _ = self._outputs(data)
+        return torch.cat([z * r["hi"][:, None], v * r["ht"][:, None]], dim=1).numpy()

@@ -26,18 +26,17 @@ Data parallelism. The target table is global state indexed by a *global* item in
 ``arange(n)``): every worker keeps the whole table (n x d floats). After each local Hungarian step the worker's
 ``(index, source index)`` pairs are concatenated over workers with ``ops.all_gather_cat`` and every worker applies
 all of them, so the tables stay identical (batches of different workers are disjoint, and each permutation stays
-inside one batch). Workers agree on the number of steps per pass (a worker with fewer items draws extra batches
-from a fresh shuffle of its items). The network may be wrapped by the caller through ``wrap`` (e.g.
+inside one batch). Workers take the same number of steps per pass (the lock-step sampler of
+``raymmc.cluster.sampler``: near-equal batches of each worker's own items). The network may be wrapped by the caller through ``wrap`` (e.g.
 ``lambda m: DistributedDataParallel(m, find_unused_parameters=True)``; the clustering and the rotation steps each
 use one head only). Refinement gathers the outputs with ``all_gather_cat`` and rank 0's new table is broadcast.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,28 +45,14 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
+from raymmc.cluster.assignment import linear_assignment, match_mapping
 from raymmc.cluster.backbones import build_backbone
-from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
-from raymmc.cluster.kmeans import kmeans, soft_from_distances
-
-try:  # the project's wrappers around scipy (another module; fall back to scipy when absent)
-    from raymmc.cluster.assignment import linear_assignment as _linear_assignment
-    from raymmc.cluster.assignment import match_mapping as _match_mapping
-except ImportError:  # pragma: no cover - depends on the tree's state
-    from scipy.optimize import linear_sum_assignment as _lsa
-
-    def _linear_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows, cols = _lsa(np.asarray(cost, dtype=np.float64))
-        return rows.astype(np.int64), cols.astype(np.int64)
-
-    def _match_mapping(new: np.ndarray, old: np.ndarray, k: int) -> np.ndarray:
-        counts = np.zeros((k, k), dtype=np.float64)
-        np.add.at(counts, (new, old), 1.0)
-        rows, cols = _linear_assignment(counts.max() - counts)
-        mapping = np.empty(k, dtype=np.int64)
-        mapping[rows] = cols
-        return mapping
-
+from raymmc.cluster.base import GlobalOps, MultiViewData
+from raymmc.cluster.checkpoint import Phase, Resume
+from raymmc.cluster.deep import DeepClusterer
+from raymmc.cluster.kmeans import NearestCentroid, kmeans
+from raymmc.cluster.sampler import EpochSampler, check_min_batch, steps_per_epoch
+from raymmc.cluster.seeding import Stream, derive_seed
 
 @dataclass
 class MMDCConfig:
@@ -121,7 +106,7 @@ class MMDCConfig:
     grayscale_p: float = 0.2
     intensity_jitter: float = 0.0  # brightness and contrast jitter of this strength, any channel count (ours)
     # execution
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per forward pass outside training: bounds memory, not results
     device: str = "auto"  # "auto": cuda when available, else cpu
     channels_last: bool = True
 
@@ -166,7 +151,7 @@ class GaussianMixtureTargets:
 
     def __init__(self, k: int, dim: int, sigma: float, means: str, seed: int):
         self.k, self.dim, self.sigma = int(k), int(dim), float(sigma)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(derive_seed(seed, Stream.TARGETS))
         if means == "one_hot":
             if dim < k:
                 raise ValueError(f"one-hot means need target_dim >= n_clusters ({dim} < {k})")
@@ -195,7 +180,7 @@ def assign_targets(pred: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     returns ``src`` with prediction ``i`` getting ``targets[src[i]]`` (``src`` is a permutation of
     ``range(b)``)."""
     cost = torch.cdist(pred.float(), targets.float()).cpu().numpy()
-    rows, cols = _linear_assignment(cost)
+    rows, cols = linear_assignment(cost)
     src = np.empty(len(rows), dtype=np.int64)
     src[rows] = cols
     return src
@@ -255,40 +240,36 @@ def _optimizer(module: nn.Module, cfg: MMDCConfig) -> torch.optim.SGD:
                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
 
 
-class MMDC(Clusterer):
+class MMDC(NearestCentroid, DeepClusterer):
     """Multi-Modal Deep Clustering on ``data.pixels`` ((n, C, H, W) uint8).
 
-    ``on_epoch(stats)`` is called after every epoch with ``epoch``, ``loss`` (mean clustering MSE), ``rotation_loss``
-    (mean cross-entropy or None), ``changed`` (fraction of items whose target's component changed during the
-    epoch, refinement included), ``refining``, ``lr`` and ``seconds``; the same dicts are kept in ``history_``.
-    """
+    Fitted: ``model_`` (the network), ``gmm_`` (the target mixture; ``cluster_centers_`` are its means),
+    ``targets_`` ((N_global, d) target table), ``labels_``, ``n_iter_`` (epochs), ``history_``: one record
+    per epoch with ``epoch``, ``loss`` (mean clustering MSE), ``rotation_loss`` (mean cross-entropy or
+    None), ``changed`` (fraction of items whose target's component changed during the epoch, refinement
+    included), ``refining``, ``lr`` and ``seconds`` (also passed to ``on_epoch``). Items without an image
+    cannot be assigned (``usable``)."""
 
-    def __init__(self, n_clusters: int, config: MMDCConfig | None = None, seed: int = 0,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None):
-        self.n_clusters = int(n_clusters)
-        self.config = config or MMDCConfig()
-        self.seed = int(seed)
-        self.wrap = wrap
-        self.on_epoch = on_epoch
-        self.model: nn.Module | None = None
-        self.gmm: GaussianMixtureTargets | None = None
-        self.targets: torch.Tensor | None = None  # (N_global, d) float32, cpu
-        self.history_: list[dict[str, Any]] = []
-        self._shape: tuple[int, int, int] | None = None  # (C, H, W) of the training images
-        self.device = self._resolve_device(self.config.device)
+    name = "mmdc"
+    Config = MMDCConfig
 
-    # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _resolve_device(name: str) -> torch.device:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(name)
+    _shape: tuple[int, int, int] | None = None  # (C, H, W) of the training images
+
+    def uses(self) -> str:
+        return "image pixels"
+
+    def usable(self, data: MultiViewData) -> np.ndarray:
+        return np.asarray(data.has_image, bool) & (data.pixels is not None)
 
     @property
     def target_dim(self) -> int:
         return self.config.target_dim or self.n_clusters
 
+    @property
+    def cluster_centers_(self) -> np.ndarray:
+        return self._fitted("gmm_").means
+
+    # ------------------------------------------------------------------ set-up
     def _input_size(self) -> int:
         assert self._shape is not None
         return self.config.input_size or self._shape[1]
@@ -299,8 +280,9 @@ class MMDC(Clusterer):
         name = self.config.backbone
         if name == "auto":
             name = "convnet" if (c == 1 and min(h, w) <= 32) else "resnet18"
-        model = build_backbone(name, in_channels=c, out_dim=self.target_dim, rotation_head=self.config.rotation,
-                               widths=tuple(self.config.convnet_widths), head_init=self.config.head_init)
+        with self._seeded_weights():
+            model = build_backbone(name, in_channels=c, out_dim=self.target_dim, rotation_head=self.config.rotation,
+                                   widths=tuple(self.config.convnet_widths), head_init=self.config.head_init)
         model = model.to(self.device)
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -353,39 +335,22 @@ class MMDC(Clusterer):
     def _pixels(self, data: MultiViewData) -> torch.Tensor:
         if data.pixels is None:
             raise ValueError("MMDC needs data.pixels, (n, C, H, W) uint8")
+        self.check_usable(data)
         px = torch.as_tensor(np.asarray(data.pixels))
         if px.ndim != 4:
             raise ValueError(f"data.pixels must be (n, C, H, W), got shape {tuple(px.shape)}")
         return px
 
-    # ------------------------------------------------------------------ batching
-    def _plan(self, n_local: int, rng: np.random.Generator, ops: GlobalOps) -> list[np.ndarray]:
-        """One pass: a shuffle of the local items cut into ~batch_size batches of near-equal size; when other
-        workers need more steps, extra full batches from fresh shuffles (each batch holds distinct items)."""
-        bs = self.config.batch_size
-        n_batches = max(1, -(-n_local // bs))
-        batches = list(np.array_split(rng.permutation(n_local), n_batches))
-        if ops.world_size > 1:
-            counts = ops.all_gather_cat(torch.tensor([len(batches)], device=self.device))
-            target = int(counts.max().item())
-            while len(batches) < target:
-                extra = rng.permutation(n_local)
-                batches += [extra[i:i + bs] for i in range(0, n_local, bs)][: target - len(batches)]
-        return batches
-
     def _gather_pairs(self, dst: torch.Tensor, src: torch.Tensor, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
         if ops.world_size == 1:
             return dst, src
-        pairs = torch.stack([dst, src], dim=1).to(self.device)
-        allp = ops.all_gather_cat(pairs).cpu()
+        allp = ops.all_gather_cat(torch.stack([dst, src], dim=1))
         return allp[:, 0], allp[:, 1]
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def _outputs(self, px: torch.Tensor) -> torch.Tensor:
-        module = self.model
-        if module is None:
-            raise RuntimeError("MMDC is not fitted")
+        module = self._fitted("model_")
         was_training = module.training
         module.eval()
         outs = []
@@ -400,202 +365,154 @@ class MMDC(Clusterer):
         """The network's L2-normalised outputs on the un-augmented view, (n, d)."""
         return self._outputs(self._pixels(data)).numpy()
 
-    def _sq_dist(self, data: MultiViewData) -> np.ndarray:
-        if self.gmm is None:
-            raise RuntimeError("MMDC is not fitted")
-        z = torch.from_numpy(self.embed(data))
-        return (torch.cdist(z, torch.from_numpy(self.gmm.means)) ** 2).numpy()
-
-    def soft_assign(self, data: MultiViewData) -> np.ndarray:
-        """Student-t (a = 1) confidences from the squared distances to the mixture means; argmax = predict."""
-        return soft_from_distances(self._sq_dist(data))
-
-    def predict(self, data: MultiViewData) -> np.ndarray:
-        """Nearest mixture mean to each output."""
-        return self._sq_dist(data).argmin(axis=1)
 
     # ------------------------------------------------------------------ training
-    def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "MMDC":
+    def _fit(self, data: MultiViewData, ops: GlobalOps, resume: Resume | None) -> None:
         px = self._pixels(data)
         self._shape = tuple(int(s) for s in px.shape[1:])  # type: ignore[assignment]
-        n_local = len(px)
-        gidx = np.asarray(data.extra.get("index", np.arange(n_local)), dtype=np.int64)
-        if gidx.shape != (n_local,):
+        gidx = torch.from_numpy(np.asarray(data.extra.get("index", np.arange(len(px))), dtype=np.int64))
+        if gidx.shape != (len(px),):
             raise ValueError("data.extra['index'] must hold one global index per item")
-        resume = self.resume_state or {}
-        fork = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork):
-            self._fit(px, torch.from_numpy(gidx), ops, resume if resume.get("phase") == "epoch" else None)
-        return self
-
-    def _fit(self, px: torch.Tensor, gidx: torch.Tensor, ops: GlobalOps, resume: dict[str, Any] | None) -> None:
+        n_global = self._check_global_index(gidx, ops)
         cfg = self.config
-        k = self.n_clusters
-        # Global item count and a sanity check on the indices (they must be 0..N-1 over all workers).
-        if ops.world_size > 1:
-            all_idx = ops.all_gather_cat(gidx.to(self.device)).cpu()
-        else:
-            all_idx = gidx
+        if cfg.refine_init not in ("best", "restarts", "targets"):
+            raise ValueError(f"unknown refine_init {cfg.refine_init!r}")
+        # Same seed on every worker: same targets and same initial weights (DDP broadcasts rank 0's anyway).
+        self.gmm_ = GaussianMixtureTargets(self.n_clusters, self.target_dim, cfg.sigma, cfg.means, seed=self.seed)
+        self.targets_ = torch.from_numpy(self.gmm_.sample(n_global))
+        self.model_ = self._build_model()
+        net = self.wrap(self.model_)
+        opt = _optimizer(self.model_, cfg)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+        start = 0
+        if resume is not None:  # the checkpointed weights, target table, optimizer and schedule
+            self.model_.load_state_dict(resume.state["model"])
+            self.targets_ = torch.as_tensor(resume.state["targets"]).float().clone()
+            opt.load_state_dict(resume.state["optimizer"])
+            sched.load_state_dict(resume.state["scheduler"])
+            start = int(resume.state["epoch"])
+        steps = steps_per_epoch(len(px), cfg.batch_size, ops)
+        check_min_batch(len(px), steps, 1, ops, "MMDC images")  # no empty batch: BatchNorm, Hungarian
+        sampler = self.streams.sampler("batches", len(px), steps)
+        views = (self._train_transform(self._shape[0]), self._train_transform(self._shape[0], with_jitter=False))
+        for epoch in range(start, cfg.epochs):
+            self._epoch(epoch, net, opt, px, gidx, sampler, views, ops)
+            sched.step()
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+                self._checkpoint(Phase.EPOCH, ops, {
+                    "model": self.model_.state_dict(), "targets": self.targets_, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1})
+        self.model_.eval()
+        self.n_iter_ = cfg.epochs
+        self.labels_ = self.predict(data)
+
+    def _check_global_index(self, gidx: torch.Tensor, ops: GlobalOps) -> int:
+        """The global item count; the indices must be 0..N-1 over all workers."""
+        all_idx = ops.all_gather_cat(gidx) if ops.world_size > 1 else gidx
         n_global = int(all_idx.max().item()) + 1 if len(all_idx) else 0
         if len(all_idx) != n_global or torch.unique(all_idx).numel() != n_global:
             raise ValueError("global item indices must be a permutation of 0..N-1 across workers")
-        if n_global < k:
-            raise ValueError(f"MMDC needs at least n_clusters={k} items, got {n_global}")
+        if n_global < self.n_clusters:
+            raise ValueError(f"MMDC needs at least n_clusters={self.n_clusters} items, got {n_global}")
+        return n_global
 
-        # Same seed on every worker: same targets and same initial weights (DDP broadcasts rank 0's anyway).
-        torch.manual_seed(self.seed)
-        self.gmm = GaussianMixtureTargets(k, self.target_dim, cfg.sigma, cfg.means, seed=self.seed)
-        table = torch.from_numpy(self.gmm.sample(n_global))
-        if ops.world_size > 1:
-            table = ops.broadcast(table.to(self.device), src=0).cpu()
-        self.targets = table
-        self.model = self._build_model()
-        self.history_ = []
-        if resume is not None:  # the checkpointed weights and target table; same on every worker
-            self.model.load_state_dict(resume["model"]["model"])
-            self.targets = torch.as_tensor(resume["model"]["targets"]).float().clone()
-            self.history_ = list(resume["model"]["history"])
-        net = self.wrap(self.model) if self.wrap is not None else self.model
-        opt = _optimizer(self.model, cfg)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
-        # Augmentations and shuffles differ between workers.
-        torch.manual_seed(self.seed * 1_000_003 + 7919 * ops.rank + 1)
-        rng = np.random.default_rng([self.seed, ops.rank])
-        start = 0
-        if resume is not None:
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
-            start = int(resume["epoch"]) + 1
-            if ops.world_size == 1 and "rng" in resume:
-                # One process: its random streams continue exactly, so the resumed fit equals an uninterrupted one.
-                torch.set_rng_state(resume["rng"]["torch"])
-                rng.bit_generator.state = resume["rng"]["numpy"]
-            else:  # only rank 0's streams were saved: every worker starts fresh, distinct streams
-                torch.manual_seed(self.seed * 1_000_003 + 7919 * ops.rank + 104_729 * start + 1)
-                rng = np.random.default_rng([self.seed, ops.rank, start])
-            self.history_.append({"resumed_at_epoch": start})
-        train_tf = self._train_transform(self._shape[0])  # type: ignore[index]
-        rot_tf = self._train_transform(self._shape[0], with_jitter=False)  # type: ignore[index]
+    def _epoch(self, epoch: int, net: nn.Module, opt: torch.optim.Optimizer, px: torch.Tensor, gidx: torch.Tensor,
+               sampler: EpochSampler, views: tuple[T.Compose, T.Compose], ops: GlobalOps) -> None:
+        """[refinement] -> [rotation pass] -> clustering pass; each pass is one epoch of the sampler.
+        ``views``: the augmentations of the clustering and of the rotation pass."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        start_labels = self.gmm_.labels(self.targets_)
+        refining = cfg.refine_epoch is not None and epoch >= cfg.refine_epoch
+        if refining:
+            self._refine(px, gidx, ops, epoch)
+        rot_loss = self._rotation_pass(net, opt, px, sampler, views[1]) if cfg.rotation else None
+        total, count = 0.0, 0
+        for _ in range(sampler.steps):
+            b = torch.from_numpy(sampler.next())
+            bidx = gidx[b]
+            if not refining:
+                # eval-mode forwards use the unwrapped module: no DDP collectives outside training steps
+                self.model_.eval()
+                with torch.no_grad():
+                    pred = self.model_(self._eval_view(px[b])).float()
+                src = torch.from_numpy(assign_targets(pred, self.targets_[bidx].to(pred.device)))
+                dst_all, src_all = self._gather_pairs(bidx, bidx[src], ops)
+                self.targets_[dst_all] = self.targets_[src_all]  # right side is a copy: a permutation
+            net.train()
+            out = net(self._aug_view(px[b], views[0]))
+            loss = F.mse_loss(out, self.targets_[bidx].to(out.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            count += len(b)
+        self._report({"phase": "epoch", "epoch": epoch, "loss": total / max(count, 1), "rotation_loss": rot_loss,
+                      "changed": float((self.gmm_.labels(self.targets_) != start_labels).mean()),
+                      "refining": refining, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
 
-        for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            start_labels = self.gmm.labels(self.targets)
-            refining = cfg.refine_epoch is not None and epoch >= cfg.refine_epoch
-            if refining:
-                self._refine(px, gidx, ops, epoch)
-
-            rot_loss = None
-            if cfg.rotation:
-                total, count = 0.0, 0
-                net.train()
-                for b in self._plan(len(px), rng, ops):
-                    x = self._aug_view(px[b], rot_tf)
-                    if cfg.rotation_copies == 4:
-                        xr, yr = rotation_batch(x)
-                    else:
-                        xr, yr = random_rotation_batch(x)
-                    loss = F.cross_entropy(net(self._layout(xr), head="rotation"), yr)
-                    opt.zero_grad(set_to_none=True)
-                    (cfg.rotation_weight * loss).backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(b)
-                    count += len(b)
-                rot_loss = total / max(count, 1)
-
-            total, count = 0.0, 0
-            for b in self._plan(len(px), rng, ops):
-                bidx = gidx[b]
-                if not refining:
-                    # eval-mode forwards use the unwrapped module: no DDP collectives outside training steps
-                    self.model.eval()
-                    with torch.no_grad():
-                        pred = self.model(self._eval_view(px[b])).float()
-                    src = torch.from_numpy(assign_targets(pred, self.targets[bidx].to(pred.device)))
-                    dst_all, src_all = self._gather_pairs(bidx, bidx[src], ops)
-                    self.targets[dst_all] = self.targets[src_all]  # right side is a copy: a permutation
-                net.train()
-                out = net(self._aug_view(px[b], train_tf))
-                loss = F.mse_loss(out, self.targets[bidx].to(out.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b)
-                count += len(b)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-
-            stats = {"epoch": epoch, "loss": total / max(count, 1), "rotation_loss": rot_loss,
-                     "changed": float((self.gmm.labels(self.targets) != start_labels).mean()),
-                     "refining": refining, "lr": lr, "seconds": time.perf_counter() - t0}
-            self.history_.append(stats)
-            if self.on_epoch is not None:
-                self.on_epoch(stats)
-            if self.checkpoint_fn is not None and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
-                # Deep copies: state dicts alias the live weights and momentum buffers.
-                self.checkpoint_fn(copy.deepcopy({
-                    "phase": "epoch", "epoch": epoch, "model": self.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}))
-        self.model.eval()
+    def _rotation_pass(self, net: nn.Module, opt: torch.optim.Optimizer, px: torch.Tensor,
+                       sampler: EpochSampler, rot_tf: T.Compose) -> float:
+        cfg = self.config
+        total, count = 0.0, 0
+        net.train()
+        for _ in range(sampler.steps):
+            b = torch.from_numpy(sampler.next())
+            x = self._aug_view(px[b], rot_tf)
+            xr, yr = rotation_batch(x) if cfg.rotation_copies == 4 else random_rotation_batch(x)
+            loss = F.cross_entropy(net(self._layout(xr), head="rotation"), yr)
+            opt.zero_grad(set_to_none=True)
+            (cfg.rotation_weight * loss).backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            count += len(b)
+        return total / max(count, 1)
 
     def _refine(self, px: torch.Tensor, gidx: torch.Tensor, ops: GlobalOps, epoch: int) -> None:
-        """k-means on the outputs, clusters matched to the targets' components, targets := matched means."""
-        assert self.gmm is not None and self.targets is not None
+        """k-means on the outputs, clusters matched to the targets' components, targets := matched means
+        (on rank 0, broadcast)."""
         z = self._outputs(px)
         idx = gidx
         if ops.world_size > 1:
-            z = ops.all_gather_cat(z.to(self.device)).cpu()
-            idx = ops.all_gather_cat(gidx.to(self.device)).cpu()
-        order = torch.argsort(idx)  # same item order on every worker
-        z, idx = z[order], idx[order]
-        old = self.gmm.labels(self.targets[idx])
-        init = self.config.refine_init
-        if init not in ("best", "restarts", "targets"):
-            raise ValueError(f"unknown refine_init {init!r}")
-        candidates = []
-        if init in ("best", "targets"):
-            candidates.append(lloyd(z, torch.from_numpy(old), self.n_clusters, self.config.kmeans_niter, self.device))
-        if init in ("best", "restarts"):
-            _, lab, inertia = kmeans(z.numpy(), self.n_clusters, seed=self.seed + epoch,
-                                     niter=self.config.kmeans_niter, nredo=self.config.kmeans_nredo,
-                                     use_gpu=self.device.type == "cuda")
-            candidates.append((lab, inertia))
-        new = min(candidates, key=lambda c: c[1])[0]
-        mapping = _match_mapping(new, old, self.n_clusters)  # mapping[new cluster] = old component
-        table = self.targets.clone()
-        table[idx] = torch.from_numpy(self.gmm.means[mapping[new]])
-        if ops.world_size > 1:
-            table = ops.broadcast(table.to(self.device), src=0).cpu()
-        self.targets = table
+            z, idx = ops.all_gather_cat(z), ops.all_gather_cat(gidx)
+        table = self.targets_.clone()
+        if ops.rank == 0:
+            order = torch.argsort(idx)
+            z, idx = z[order], idx[order]
+            old = self.gmm_.labels(self.targets_[idx])
+            init = self.config.refine_init
+            candidates = []
+            if init in ("best", "targets"):
+                candidates.append(lloyd(z, torch.from_numpy(old), self.n_clusters, self.config.kmeans_niter, self.device))
+            if init in ("best", "restarts"):
+                _, lab, inertia = kmeans(z.numpy(), self.n_clusters, seed=self._kmeans_seed(epoch),
+                                         niter=self.config.kmeans_niter, nredo=self.config.kmeans_nredo,
+                                         use_gpu=self.device.type == "cuda")
+                candidates.append((lab, inertia))
+            new = min(candidates, key=lambda c: c[1])[0]
+            mapping = match_mapping(new, old, self.n_clusters)  # mapping[new cluster] = old component
+            table[idx] = torch.from_numpy(self.gmm_.means[mapping[new]])
+        self.targets_ = ops.broadcast(table, src=0) if ops.world_size > 1 else table
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        if self.model is None or self.gmm is None:
-            raise RuntimeError("MMDC is not fitted")
-        cfg = asdict(self.config)
-        return {"n_clusters": self.n_clusters, "seed": self.seed, "config": cfg, "shape": list(self._shape or ()),
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "means": self.gmm.means.copy(), "sigma": self.gmm.sigma,
-                "targets": self.targets.clone() if self.targets is not None else None,
+        model, gmm = self._fitted("model_"), self._fitted("gmm_")
+        return {**self._header(), "shape": list(self._shape or ()), "model": self._net_state(model),
+                "means": gmm.means.copy(), "sigma": gmm.sigma,
+                "targets": self.targets_.clone() if getattr(self, "targets_", None) is not None else None,
                 "history": list(self.history_)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        cfg = dict(state["config"])
-        for key in ("lr_milestones", "crop_sizes", "resized_crop_scale", "convnet_widths"):
-            if cfg.get(key) is not None:
-                cfg[key] = tuple(cfg[key])
-        self.config = MMDCConfig(**cfg)
-        self.n_clusters = int(state["n_clusters"])
-        self.seed = int(state["seed"])
-        self.device = self._resolve_device(self.config.device)
+        self._read_header(state)
         self._shape = tuple(int(s) for s in state["shape"])  # type: ignore[assignment]
         means = np.asarray(state["means"], dtype=np.float32)
         gmm = GaussianMixtureTargets.__new__(GaussianMixtureTargets)
         gmm.k, gmm.dim, gmm.sigma, gmm.means = means.shape[0], means.shape[1], float(state["sigma"]), means
-        gmm._rng = np.random.default_rng(self.seed)
-        self.gmm = gmm
-        self.targets = None if state.get("targets") is None else torch.as_tensor(state["targets"]).float()
-        self.model = self._build_model()
-        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
-        self.model.eval()
+        gmm._rng = None  # a loaded mixture predicts; it draws no new targets
+        self.gmm_ = gmm
+        self.targets_ = None if state.get("targets") is None else torch.as_tensor(state["targets"]).float()
+        self.model_ = self._build_model()
+        self.model_.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
+        self.model_.eval()
         self.history_ = list(state.get("history", []))
+        self.n_iter_ = self.config.epochs

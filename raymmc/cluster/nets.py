@@ -1,5 +1,5 @@
 """Small fully connected networks for feature-level deep clustering (DEC, JECL) and the
-device / seeding helpers they share.
+device / wrapping / batched-inference helpers every deep algorithm shares.
 
 Model construction is kept apart from the training loops (``raymmc.cluster.dec`` /
 ``raymmc.cluster.jecl``): a loop receives modules that a caller may have wrapped (e.g. DDP via
@@ -8,10 +8,8 @@ Ray Train's ``prepare_model``), so every module's ``forward`` returns all the te
 
 from __future__ import annotations
 
-import random
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,18 +27,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU generator for data order."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 def mlp(dims: Sequence[int], activation: str = "relu", last_activation: bool = False,
@@ -115,20 +101,6 @@ class ClusteringHead(nn.Module):
         return z, self._soft(z, self.centroids, self.alpha)
 
 
-class TwoViewAutoEncoder(nn.Module):
-    """Image and text autoencoders in one module (one DDP wrapper, one forward for both views)."""
-
-    def __init__(self, image: AutoEncoder, text: AutoEncoder):
-        super().__init__()
-        self.image = image
-        self.text = text
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor):
-        z, xr = self.image(x)
-        v, tr = self.text(t)
-        return z, xr, v, tr
-
-
 class TwoViewClusteringNet(nn.Module):
     """JECL's clustering network: image encoder + mu, text encoder + nu.
     ``forward(x, t) -> (z, q, v, r)``."""
@@ -147,3 +119,20 @@ class TwoViewClusteringNet(nn.Module):
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP / DataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)
+
+
+@torch.no_grad()
+def forward_in_batches(module: nn.Module, *inputs: torch.Tensor, device: torch.device,
+                       batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``module(*inputs)`` in eval mode, ``batch_size`` rows at a time (memory stays bounded at any
+    shard size); every output concatenated on the CPU. Empty inputs give empty outputs of the right
+    width (one forward pass on zero rows)."""
+    was = module.training
+    module.eval()
+    n = len(inputs[0])
+    outs = []
+    for i in range(0, max(n, 1), batch_size):
+        y = module(*(x[i:i + batch_size].to(device) for x in inputs))
+        outs.append(tuple(t.float().cpu() for t in (y if isinstance(y, tuple) else (y,))))
+    module.train(was)
+    return tuple(torch.cat(parts) for parts in zip(*outs))

@@ -7,12 +7,12 @@ algorithm's config dataclass.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import inspect
 from typing import Any, Callable
 
 from raymmc.cluster.base import Clusterer
+from raymmc.cluster.base import make_config as base_make_config
+from raymmc.cluster.deep import DeepClusterer
 
 # name -> (module, estimator class, config class)
 ALGORITHMS: dict[str, tuple[str, str, str]] = {
@@ -49,28 +49,14 @@ def _lookup(name: str) -> tuple[str, str, str]:
 
 
 def make_config(name: str, config: dict | Any | None = None) -> Any:
-    from raymmc.cluster.dec import config_from_dict
-
-    return config_from_dict(config_class(name), config)
+    return base_make_config(config_class(name), config)
 
 
 def make_clusterer(name: str, n_clusters: int, config: dict | Any | None = None, seed: int = 0,
                    on_epoch: Callable[[dict], None] | None = None,
                    wrap: Callable[[Any], Any] | None = None) -> Clusterer:
-    """An unfitted estimator.  ``seed`` goes to the constructor, or into ``config.seed`` for an
-    algorithm whose constructor has no seed argument; ``on_epoch`` / ``wrap`` (progress hook,
-    DDP wrapper) are passed where the algorithm accepts them."""
+    """An unfitted estimator; ``on_epoch`` / ``wrap`` (progress hook, DDP wrapper) go to the deep ones."""
     mod, cls_name, _ = _lookup(name)
     cls = getattr(importlib.import_module(mod), cls_name)
-    cfg = make_config(name, config)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs: dict[str, Any] = {}
-    if "seed" in params:
-        kwargs["seed"] = int(seed)
-    elif dataclasses.is_dataclass(cfg) and any(f.name == "seed" for f in dataclasses.fields(cfg)):
-        cfg = dataclasses.replace(cfg, seed=int(seed))
-    if on_epoch is not None and "on_epoch" in params:
-        kwargs["on_epoch"] = on_epoch
-    if wrap is not None and "wrap" in params:
-        kwargs["wrap"] = wrap
-    return cls(int(n_clusters), cfg, **kwargs)
+    hooks = {"on_epoch": on_epoch, "wrap": wrap} if issubclass(cls, DeepClusterer) else {}
+    return cls(int(n_clusters), make_config(name, config), seed=int(seed), **hooks)

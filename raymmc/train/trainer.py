@@ -28,6 +28,7 @@ class TrainConfig:
     max_failures: int = 2  # a killed worker is restarted this many times
     storage_path: str | None = None  # Ray Train checkpoints; None = <run directory>/train
     report_every: int = 10  # progress reports every N epochs / target updates (and at each new phase)
+    read_batch_rows: int = 4096  # rows per Arrow batch when a worker reads its shard (memory, not results)
 
 
 DEEP = frozenset({"dec", "jecl", "dm2c", "mmdc"})
@@ -39,8 +40,9 @@ def use_ray_train(cfg: TrainConfig, algorithm: str) -> bool:
     return cfg.mode == "ray" or (cfg.mode == "auto" and algorithm in DEEP)
 
 
-def table_to_multiview(table: pa.Table):
-    """Feature rows (with a global ``index`` column when present) -> MultiViewData."""
+def table_to_multiview(table: pa.Table, pixel_channels: int = 1):
+    """Feature rows (with a global ``index`` column when present) -> MultiViewData; ``pixel_channels``
+    is ``extract.pixels.channels`` (the pixels column holds C*H*W values of square images)."""
     from raymmc.cluster.base import MultiViewData
     from raymmc.features.extract import feature_matrix
 
@@ -48,10 +50,10 @@ def table_to_multiview(table: pa.Table):
     pixels = None
     if "pixels" in names:
         flat = feature_matrix(table, "pixels", np.uint8)
-        # C*H*W with square images and C in {1, 3}: a perfect square means one channel.
-        channels = 1 if int(round(flat.shape[1] ** 0.5)) ** 2 == flat.shape[1] else 3
-        side = int(round((flat.shape[1] / channels) ** 0.5))
-        pixels = flat.reshape(len(flat), channels, side, side)
+        side = int(round((flat.shape[1] / pixel_channels) ** 0.5))
+        if pixel_channels * side * side != flat.shape[1]:
+            raise ValueError(f"pixels rows of {flat.shape[1]} values are not {pixel_channels} square channel(s)")
+        pixels = flat.reshape(len(flat), pixel_channels, side, side)
     has_image = table.column("has_image").to_numpy(zero_copy_only=False) & (
         "image_feat" in names or "pixels" in names)
     has_text = table.column("has_text").to_numpy(zero_copy_only=False) & ("text_feat" in names)
@@ -81,16 +83,18 @@ def _train_loop(loop_cfg: dict) -> None:
     import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
+    from raymmc.cluster import checkpoint as protocol
+    from raymmc.cluster.checkpoint import Phase
     from raymmc.cluster.registry import make_clusterer
     from raymmc.train.ops import TorchDistributedOps
 
     ctx = ray.train.get_context()
     shard = ray.train.get_dataset_shard("train")
-    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=4096))
+    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"]))
     table = pa.concat_tables(batches) if batches else None
     if table is None or table.num_rows == 0:
         raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
-    data = table_to_multiview(table)
+    data = table_to_multiview(table, loop_cfg["pixel_channels"])
     ops = TorchDistributedOps()
     world = ctx.get_world_size()
 
@@ -135,8 +139,8 @@ def _train_loop(loop_cfg: dict) -> None:
 
     model.checkpoint_fn = checkpoint_fn
     state = model.resume_state or {}
-    if state.get("phase") == "done":  # restarted after the end (written below): nothing left to train
-        model.load_state_dict(state["model"])
+    if state.get("phase") == Phase.DONE.value:  # restarted after the end (written below): nothing left to train
+        model.load_state_dict(state["state"]["model"])
     else:
         model.fit(data, ops)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +149,7 @@ def _train_loop(loop_cfg: dict) -> None:
             with open(os.path.join(tmp, STATE_FILE), "wb") as f:
                 f.write(_serialize(model.state_dict()))
             with open(os.path.join(tmp, RESUME_FILE), "wb") as f:
-                f.write(_serialize({"phase": "done", "model": model.state_dict()}))
+                f.write(_serialize(protocol.record(model.name, Phase.DONE, {"model": model.state_dict()}, [], [])))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None)},
                          checkpoint=checkpoint)
@@ -170,7 +174,7 @@ def latest_checkpoint(storage_path: str, run_name: str, options=None):
 
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
                   storage_path: str, run_name: str, has_gpu: bool, resume: bool = False,
-                  log: Callable[[str], None] = print, options=None) -> tuple[bytes, dict]:
+                  log: Callable[[str], None] = print, options=None, pixel_channels: int = 1) -> tuple[bytes, dict]:
     """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state
     and the final report (``resumed`` is 1 when the workers continued from a checkpoint).
     ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
@@ -197,7 +201,8 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
-                           "report_every": train.report_every, "resume_from": start},
+                           "report_every": train.report_every, "resume_from": start, "read_batch_rows": train.read_batch_rows,
+                           "pixel_channels": pixel_channels},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         # Our filesystem (s3fs with the configured endpoint, the AWS credential chain) rather than Ray's own
