@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", required=True,
                     help="a run directory of `raymmc run` (e.g. runs/kmeans-...), or an .npz with image, text, labels")
-    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
+    ap.add_argument("--seeds", type=int, default=5, help="how many seeds: first-seed .. first-seed+N-1")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--methods", nargs="*", default=None,
                     help="method names (default: the Table II set); 'all' for every method")
     ap.add_argument("--k", type=int, default=None, help="number of clusters (default: number of labels)")
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {name}: raymmc.cluster.{by_name[name].algorithm} is not available", file=sys.stderr)
         else:
             selected.append(by_name[name])
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results: dict[str, dict[int, tuple[list, float]]] = {m.name: {} for m in selected}
     if args.jobs > 1:
         import multiprocessing as mp
