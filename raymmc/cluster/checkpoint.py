@@ -50,8 +50,10 @@ def to_cpu(tree: Any) -> Any:
         return tree.copy()
     if isinstance(tree, dict):
         return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree) if isinstance(tree, list) else tuple(to_cpu(v) for v in tree)
+    if isinstance(tree, list):
+        return [to_cpu(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(to_cpu(v) for v in tree)
     return tree
 
 
