@@ -22,6 +22,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc | auto (picks from the data's modalities)")
     p.add_argument("--clusters", type=int, help="number of clusters K")
     p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data-parallel Ray workers for the clustering (any algorithm; "
+                   "cluster.train.workers)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set extract.image.model=resnet50 (repeatable)")
 
@@ -36,6 +38,8 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         cluster["algorithm"] = args.algorithm
     if args.clusters is not None:
         cluster["clusters"] = args.clusters
+    if getattr(args, "workers", None) is not None:
+        cluster["train"] = {"workers": args.workers}
     if cluster:
         values["cluster"] = cluster
     return values

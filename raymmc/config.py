@@ -144,6 +144,8 @@ def validate(cfg: RunConfig) -> None:
         check_run_location(cfg.output, cfg.run_name)
     except RunLocationError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.cluster.train.workers < 1:
+        raise ConfigError("cluster.train.workers (--workers) must be at least 1")
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from raymmc.accounting import account, item_notes
+from raymmc.accounting import account
 from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
@@ -20,7 +20,7 @@ from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
-from raymmc.report.metrics import cluster_sizes, evaluate
+from raymmc.report.metrics import evaluate_contingency
 from raymmc.train.trainer import table_to_multiview
 
 
@@ -162,11 +162,15 @@ def usable_dataset(prep: Prepared, cfg: RunConfig):
     fs, _ = storage.resolve(prep.feature_dirs[0], cfg.storage)
     index = {(s, int(r)): i for i, (s, r) in enumerate(zip(prep.usable.column("source").to_pylist(),
                                                            prep.usable.column("row").to_pylist()))}
-    ds = ray.data.read_parquet(files, filesystem=fs)
-    ds = ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
-    # Materialised (in the object store, not on the driver) before training: once the workers
-    # hold every CPU, no read task could run any more.
-    return ds.materialize()
+    from raymmc.raysession import ordered_execution
+
+    # Rows in file order, always: each Ray Train worker takes a fixed slice of them (trainer.exact_shards).
+    with ordered_execution():
+        ds = ray.data.read_parquet(sorted(files), filesystem=fs)
+        ds = ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
+        # Materialised (in the object store, not on the driver) before training: once the workers
+        # hold every CPU, no read task could run any more.
+        return ds.materialize()
 
 
 def _select_usable(batch: pa.Table, index_ref) -> pa.Table:
@@ -180,35 +184,52 @@ def _select_usable(batch: pa.Table, index_ref) -> pa.Table:
     return batch.filter(pa.array(keep)).append_column("index", pa.array(pos[keep]))
 
 
-def write_results(rundir: RunDir, prep: Prepared, soft: np.ndarray) -> tuple[pa.Table, dict]:
-    """assignments/ and metrics.json from the soft assignments of the usable rows."""
-    usable = prep.usable
-    labels = soft.argmax(axis=1)
-    assignments = pa.table({
-        "id": usable.column("id"),
-        "cluster": pa.array(labels.astype(np.int64)),
-        "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
-        "has_image": usable.column("has_image"),
-        "has_text": usable.column("has_text"),
-        "note": pa.array(item_notes(usable), pa.string()),
-    })
-    rundir.write_table("assignments", assignments)
-    metrics: dict = {"n_assigned": int(usable.num_rows), "cluster_sizes": cluster_sizes(labels)}
-    truth = usable.column("label").to_pylist()
-    labeled = np.array([t is not None for t in truth])
-    if labeled.any():
-        metrics.update(evaluate(np.array(truth, dtype=object)[labeled], labels[labeled]))
-        metrics["n_labeled"] = int(labeled.sum())
+def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model, dataset=None) -> dict:
+    """assignments/ (written by the prediction workers) and metrics.json (from the aggregated label x
+    cluster counts); the driver never holds a per-item array here."""
+    from raymmc.raysession import ordered_execution
+    from raymmc.train.predict import OUTLIER, ModelSpec, predict_and_write
+
+    if prep.usable.num_rows == 0:
+        rundir.write_table("assignments", empty_assignments_table())
+        metrics: dict = {"n_assigned": 0, "cluster_sizes": {}}
+        rundir.write_json("metrics.json", metrics)
+        return metrics
+    spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
+                     cfg.extract.pixels.channels)
+    fs, path = storage.resolve(rundir.path("assignments"), cfg.storage)
+    from raymmc.io import safestate
+
+    with ordered_execution():  # assignments in the input's order, the same on every run
+        counts = predict_and_write(dataset if dataset is not None else usable_dataset(prep, cfg), spec,
+                                   safestate.dumps(model.state_dict()), path, filesystem=fs,
+                                   workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
+                                   batch_rows=cfg.cluster.train.read_batch_rows)
+    metrics = {"n_assigned": counts.n, "cluster_sizes": counts.sizes}
+    if OUTLIER in counts.sizes:
+        metrics["n_outliers"] = counts.sizes[OUTLIER]
+    if counts.table.sum() > 0:
+        metrics.update(evaluate_contingency(counts.table))
+        metrics["n_labeled"] = int(counts.table.sum())
     rundir.write_json("metrics.json", metrics)
-    return assignments, metrics
+    return metrics
 
 
-def write_report(rundir: RunDir, cfg: RunConfig, prep: Prepared, assignments: pa.Table, metrics: dict,
-                 embedding: np.ndarray, title: str) -> str:
+def empty_assignments_table() -> pa.Table:
+    from raymmc.train.predict import ASSIGNMENT_COLUMNS, empty_assignments
+
+    return empty_assignments().select(ASSIGNMENT_COLUMNS)
+
+
+def write_report(rundir: RunDir, cfg: RunConfig, prep: Prepared, metrics: dict, embedding: np.ndarray,
+                 title: str) -> str:
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
     items = prep.usable.select(["id", "caption", "label", "source", "row"])
+    written = rundir.read_table("assignments")
+    # row-aligned with the items by id (the workers wrote them in input order; this does not rely on it)
+    assignments = written.take(pa.compute.index_in(items.column("id"), value_set=written.column("id")))
     return render(rundir, assignments, items, embedding, metrics=metrics, title=title, seed=cfg.seed,
                   image_loader=lambda pairs: load_images(pairs, cfg.storage))
 
@@ -260,7 +281,7 @@ def load_model(rundir: RunDir, cfg: RunConfig):
 
 
 def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
-              resuming: bool = False):
+              resuming: bool = False, dataset=None):
     """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
     from raymmc.io import safestate
     from raymmc.raysession import has_gpu
@@ -273,7 +294,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
-    state, report = fit_ray_train(usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
+    state, report = fit_ray_train(dataset if dataset is not None else usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
                           run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage,
                           pixel_channels=cfg.extract.pixels.channels)
@@ -313,15 +334,16 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     if prep.usable.num_rows < cfg.cluster.clusters:
         raise ValueError(f"only {prep.usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
                          f"see {rundir.path('rejects')}")
+    dataset = usable_dataset(prep, cfg)  # the usable rows in the object store: training shards, prediction input
     with timer("cluster"):
-        model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming)
-        data = usable_features(prep, cfg)
-        soft = model.soft_assign(data)
+        model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming, dataset)
     save_model(rundir, model)
-    assignments, metrics = write_results(rundir, prep, soft)
+    with timer("predict"):
+        metrics = write_results(rundir, cfg, prep, model, dataset)
     if cfg.report:
         with timer("report"):
-            report = write_report(rundir, cfg, prep, assignments, metrics, model.embed(data),
+            # Still on the driver: the report reads every usable item's features (bounded samples: issue 12).
+            report = write_report(rundir, cfg, prep, metrics, model.embed(usable_features(prep, cfg)),
                                   title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
         log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)
@@ -380,9 +402,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):
-        model = load_model(source, cfg)
-        soft = model.soft_assign(usable_features(prep, cfg)) if prep.usable.num_rows else np.zeros((0, 1))
-    _, metrics = write_results(rundir, prep, soft)
+        metrics = write_results(rundir, cfg, prep, load_model(source, cfg))
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run)
     return RunResult(rundir.uri, metrics, manifest)
 

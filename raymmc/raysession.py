@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 from raymmc.config import RayConfig
@@ -32,3 +34,17 @@ def has_gpu() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@contextlib.contextmanager
+def ordered_execution():
+    """Ray Data keeps block order inside this block (``preserve_order``): training shards and the
+    written assignments then follow the input files' order, so a seed reproduces a run exactly."""
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before

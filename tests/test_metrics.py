@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raymmc.report.metrics import (
     METRICS,
@@ -211,3 +213,22 @@ def test_format_mean_std():
     # mean 0.541, population std of (0.517, 0.565) = 0.024
     assert format_mean_std([0.517, 0.565]) == "0.541 ± 0.024"
     assert format_mean_std([0.5], digits=2) == "0.50 ± 0.00"
+
+
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 8), st.integers(1, 60))
+@settings(max_examples=60, deadline=None)
+def test_metrics_from_the_contingency_table_equal_sklearn_on_the_items(seed, n_classes, n_clusters, n):
+    """What a distributed run computes from aggregated counts is what scikit-learn computes from the items."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from raymmc.report.metrics import evaluate_contingency
+
+    rng = np.random.default_rng(seed)
+    y, p = rng.integers(0, n_classes, n), rng.integers(0, n_clusters, n)
+    got = evaluate_contingency(contingency(y, p))
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(y, p), abs=1e-9)
+    assert got["ari"] == pytest.approx(adjusted_rand_score(y, p), abs=1e-9)
+    padded = np.zeros((n_classes + 2, n_clusters + 3), np.int64)  # classes/clusters with no items change nothing
+    padded[:n_classes, :n_clusters] = np.bincount(y * n_clusters + p, minlength=n_classes * n_clusters).reshape(
+        n_classes, n_clusters)
+    assert evaluate_contingency(padded) == pytest.approx(got, abs=1e-12)

@@ -162,6 +162,11 @@ class Clusterer:
     def embed(self, data: MultiViewData) -> np.ndarray:
         raise NotImplementedError
 
+    def outliers(self, data: MultiViewData) -> np.ndarray:
+        """(n,) object array: why an item is left out of its nearest cluster ("" = assigned). Only
+        algorithms with an outlier rule (k-means' ``outliers`` config) mark any."""
+        return np.full(len(data), "", dtype=object)
+
     def fit_predict(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> np.ndarray:
         return self.fit(data, ops).predict(data)
 

@@ -35,6 +35,7 @@ class Stream(enum.IntEnum):
     BATCHES = 4  # one sampler's batch order (per worker)
     NOISE = 5  # torch's global generator: masking noise, augmentations (per worker)
     SAMPLE = 6  # rows a worker contributes to a gathered sample (per worker)
+    ITEM_SAMPLE = 7  # k-means' sample, by a keyed hash of each item (shared: the same for any sharding)
 
 
 def derive_seed(seed: int, stream: Stream, rank: int | None = None, index: int | str = 0,

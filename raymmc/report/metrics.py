@@ -105,14 +105,44 @@ def pairwise_f_score(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 
 def evaluate(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
     """``{"acc", "nmi", "ari", "purity", "f_score"}`` as Python floats."""
-    t, p = _check(y_true, y_pred)  # encode once; the metrics below re-encode cheap int arrays
-    return {
-        "acc": cluster_acc(t, p),
-        "nmi": nmi(t, p),
-        "ari": ari(t, p),
-        "purity": purity(t, p),
-        "f_score": pairwise_f_score(t, p),
-    }
+    return evaluate_contingency(contingency(y_true, y_pred))
+
+
+def evaluate_contingency(c: np.ndarray) -> dict[str, float]:
+    """The metrics of :func:`evaluate` from a class x cluster count table alone: what a distributed run
+    aggregates (K x L counts) instead of gathering every item's label and cluster."""
+    from sklearn.metrics import mutual_info_score
+
+    c = np.asarray(c, dtype=np.int64)
+    c = c[c.sum(1) > 0][:, c.sum(0) > 0]  # classes and clusters that occur
+    n = int(c.sum())
+    if n == 0:
+        raise ValueError("cannot evaluate an empty clustering")
+    rows, cols = linear_sum_assignment(c, maximize=True)
+
+    def entropy(counts: np.ndarray) -> float:
+        p = counts[counts > 0].astype(np.float64)  # sklearn's arithmetic, so the values match it exactly
+        return float(-np.sum((p / n) * (np.log(p) - np.log(n))))
+
+    h_true, h_pred = entropy(c.sum(1)), entropy(c.sum(0))
+    if c.shape[0] == c.shape[1] == 1 or (h_true == 0 and h_pred == 0):
+        nmi_value = 1.0  # sklearn: two single-cluster partitions agree
+    else:
+        mi = float(mutual_info_score(None, None, contingency=c))
+        nmi_value = min(1.0, mi / max((h_true + h_pred) / 2, np.finfo(float).eps))
+    pairs_both, pairs_true, pairs_pred = _pairs(c), _pairs(c.sum(1)), _pairs(c.sum(0))
+    total = n * (n - 1) // 2
+    expected = pairs_true * pairs_pred / total if total else 0.0
+    top = (pairs_true + pairs_pred) / 2
+    ari_value = 1.0 if top == expected else (pairs_both - expected) / (top - expected)
+    if pairs_pred == 0 and pairs_true == 0:
+        f = 1.0
+    else:
+        precision = pairs_both / pairs_pred if pairs_pred else 0.0
+        recall = pairs_both / pairs_true if pairs_true else 0.0
+        f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"acc": float(c[rows, cols].sum() / n), "nmi": float(nmi_value), "ari": float(ari_value),
+            "purity": float(c.max(axis=0).sum() / n), "f_score": float(f)}
 
 
 def cluster_sizes(y_pred: ArrayLike) -> dict[int, int]:

@@ -20,9 +20,10 @@ import pyarrow as pa
 
 @dataclass
 class TrainConfig:
-    # "auto": Ray Train for the deep algorithms (dec, jecl, dm2c, mmdc), in-process for k-means.
+    # "auto": Ray Train for the deep algorithms (dec, jecl, dm2c, mmdc), and for k-means too when workers > 1;
+    # one k-means worker runs in the driver (no Ray Train start-up for small archives).
     mode: str = "auto"  # auto | ray | local
-    workers: int = 1
+    workers: int = 1  # `raymmc run --workers N`
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # a killed worker is restarted this many times
@@ -37,7 +38,7 @@ DEEP = frozenset({"dec", "jecl", "dm2c", "mmdc"})
 def use_ray_train(cfg: TrainConfig, algorithm: str) -> bool:
     if cfg.mode not in ("auto", "ray", "local"):
         raise ValueError(f"cluster.train.mode must be auto, ray or local, not {cfg.mode!r}")
-    return cfg.mode == "ray" or (cfg.mode == "auto" and algorithm in DEEP)
+    return cfg.mode == "ray" or (cfg.mode == "auto" and (algorithm in DEEP or cfg.workers > 1))
 
 
 def table_to_multiview(table: pa.Table, pixel_channels: int = 1):
@@ -89,11 +90,13 @@ def _train_loop(loop_cfg: dict) -> None:
     from raymmc.train.ops import TorchDistributedOps
 
     ctx = ray.train.get_context()
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{ctx.get_world_rank()}")
     batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"]))
     table = pa.concat_tables(batches) if batches else None
     if table is None or table.num_rows == 0:
         raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
+    if "index" in table.column_names:  # the shard's rows in input order, however its blocks arrived
+        table = table.sort_by("index")
     data = table_to_multiview(table, loop_cfg["pixel_channels"])
     ops = TorchDistributedOps()
     world = ctx.get_world_size()
@@ -172,6 +175,19 @@ def latest_checkpoint(storage_path: str, run_name: str, options=None):
     return Checkpoint(latest.path.rsplit("/", 1)[0], filesystem=fs)
 
 
+def exact_shards(dataset, world_size: int) -> dict:
+    """``{"train_0": rows [0, n/N), "train_1": ..., ...}``: worker i's rows of the (materialised, ordered)
+    training dataset, each row in exactly one shard and the shards within one row of each other, the
+    same on every run. Cut here, before the workers take the CPUs the split tasks need. Ray's default
+    ``streaming_split(equal=True)`` may drop up to N-1 rows and hands blocks to whichever worker asks
+    first, so a seed did not fix a run's result."""
+    n = dataset.count()
+    if n < world_size:
+        raise ValueError(f"{n} training rows cannot be split over {world_size} workers; use fewer")
+    parts = dataset.split_at_indices([n * i // world_size for i in range(1, world_size)])
+    return {f"train_{i}": part.materialize() for i, part in enumerate(parts)}
+
+
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
                   storage_path: str, run_name: str, has_gpu: bool, resume: bool = False,
                   log: Callable[[str], None] = print, options=None, pixel_channels: int = 1) -> tuple[bytes, dict]:
@@ -179,7 +195,7 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     and the final report (``resumed`` is 1 when the workers continued from a checkpoint).
     ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
     the same name are removed first (they belong to another configuration)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raymmc.io import storage
@@ -209,7 +225,8 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         # resolution of the URI, which knows nothing of storage.endpoint_url.
         run_config=RunConfig(name=run_name, storage_path=fs_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=train.max_failures)),
-        datasets={"train": dataset},
+        datasets=exact_shards(dataset, train.workers),
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads its own train_<rank> whole
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -1,0 +1,131 @@
+"""Prediction on Ray workers: the fitted model, shared once through the object store, assigns every usable
+row of the feature dataset in a ``map_batches`` actor pool; the workers write the assignments and the
+driver receives only the label x cluster counts (O(K x L)) for the metrics and the sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+ASSIGNMENT_COLUMNS = ["id", "cluster", "confidence", "has_image", "has_text", "note"]
+OUTLIER = -1  # the cluster id of an item an outlier rule left out
+
+
+@dataclass
+class ModelSpec:
+    """What a worker needs to rebuild the fitted model (the state itself travels as an object ref)."""
+
+    algorithm: str
+    clusters: int
+    params: Any
+    seed: int
+    pixel_channels: int = 1
+
+
+class Predictor:
+    """One per actor: the model is rebuilt from its safetensors state once, then ``__call__`` assigns
+    a batch of feature rows (testable on a ``take_batch`` without a cluster)."""
+
+    def __init__(self, spec: ModelSpec, state: Any, threads: int = 1):
+        import ray
+        import torch
+
+        from raymmc.cluster.registry import make_clusterer
+        from raymmc.io import safestate
+
+        torch.set_num_threads(max(1, int(threads)))
+        raw = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+        self.spec = spec
+        self.model = make_clusterer(spec.algorithm, spec.clusters, spec.params, seed=spec.seed)
+        self.model.load_state_dict(safestate.loads(raw, where="the fitted model"))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raymmc.accounting import item_notes
+        from raymmc.train.trainer import table_to_multiview
+
+        if batch.num_rows == 0:
+            return empty_assignments(batch)
+        data = table_to_multiview(batch, self.spec.pixel_channels)
+        soft = self.model.soft_assign(data)
+        cluster = soft.argmax(axis=1).astype(np.int64)
+        outlier = self.model.outliers(data)
+        notes = item_notes(batch)
+        marked = outlier != ""
+        cluster[marked] = OUTLIER
+        notes = ["; ".join(n for n in (note, why) if n) for note, why in zip(notes, outlier)]
+        return pa.table({
+            "id": batch.column("id"),
+            "cluster": pa.array(cluster),
+            "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
+            "has_image": batch.column("has_image"),
+            "has_text": batch.column("has_text"),
+            "note": pa.array(notes, pa.string()),
+            "label": batch.column("label").cast(pa.string()),
+        })
+
+
+def empty_assignments(batch: pa.Table | None = None) -> pa.Table:
+    return pa.table({"id": pa.array([], pa.string()), "cluster": pa.array([], pa.int64()),
+                     "confidence": pa.array([], pa.float32()), "has_image": pa.array([], pa.bool_()),
+                     "has_text": pa.array([], pa.bool_()), "note": pa.array([], pa.string()),
+                     "label": pa.array([], pa.string())})
+
+
+def label_cluster_counts(batch: pa.Table) -> pa.Table:
+    """One block's (labeled, label, cluster, count) rows; ``labeled`` keeps null labels apart from ""."""
+    label = batch.column("label")
+    labeled = pa.compute.is_valid(label)
+    keys = pa.table({"labeled": labeled, "label": pa.compute.fill_null(label, ""), "cluster": batch.column("cluster")})
+    return keys.group_by(["labeled", "label", "cluster"]).aggregate([([], "count_all")]).rename_columns(
+        ["labeled", "label", "cluster", "count"])
+
+
+@dataclass
+class Counts:
+    """The aggregated label x cluster table of a prediction: all the driver keeps of it."""
+
+    labels: list[str]  # labelled classes, sorted
+    clusters: list[int]  # cluster ids that occur (OUTLIER included), sorted
+    table: np.ndarray  # (len(labels), len(clusters)) items with that label in that cluster
+    unlabeled: np.ndarray  # (len(clusters),) items without a label per cluster
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        return {c: int(n) for c, n in zip(self.clusters, self.table.sum(0) + self.unlabeled)}
+
+    @property
+    def n(self) -> int:
+        return int(self.table.sum() + self.unlabeled.sum())
+
+
+def aggregate_counts(rows: list[dict]) -> Counts:
+    clusters = sorted({int(r["cluster"]) for r in rows})
+    labels = sorted({r["label"] for r in rows if r["labeled"]})
+    ci, li = {c: j for j, c in enumerate(clusters)}, {v: i for i, v in enumerate(labels)}
+    table, unlabeled = np.zeros((len(labels), len(clusters)), np.int64), np.zeros(len(clusters), np.int64)
+    for r in rows:
+        if r["labeled"]:
+            table[li[r["label"]], ci[int(r["cluster"])]] += int(r["count"])
+        else:
+            unlabeled[ci[int(r["cluster"])]] += int(r["count"])
+    return Counts(labels, clusters, table, unlabeled)
+
+
+def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
+                      cpus_per_worker: float = 1.0, batch_rows: int = 4096) -> Counts:
+    """Assign every row of ``dataset`` (usable feature rows) on a pool of ``workers`` actors, write
+    ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the counts."""
+    import ray
+
+    ref = ray.put(state)
+    assigned = dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker))},
+        batch_format="pyarrow", batch_size=batch_rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
+    ).materialize()  # once in the object store: written and counted without predicting twice
+    assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
+    counts = assigned.map_batches(label_cluster_counts, batch_format="pyarrow").groupby(
+        ["labeled", "label", "cluster"]).sum("count").take_all()
+    return aggregate_counts([{**r, "count": r["sum(count)"]} for r in counts])
