@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from raymmc.accounting import account
 from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
@@ -102,15 +102,16 @@ def make_model(cfg: RunConfig):
 
 @dataclass
 class Prepared:
-    """Features of one input, accounted for: what the clustering stage needs."""
+    """Features of one input, accounted for: what the clustering stage needs (counts and a dataset in the
+    object store; no per-item data on the driver)."""
 
     input_uri: str
     shards: list
     stats: object  # ExtractStats
     feature_dirs: list[str]
-    keep: np.ndarray  # usable rows of the feature table (ordered by source, row)
-    usable: pa.Table  # the usable rows' ids, flags, notes, labels, captions (no feature vectors)
-    rejects: pa.Table
+    dataset: object  # ray.data.Dataset: the usable feature rows with a global ``index``, in input order
+    usable: int
+    rejected: int
     duplicates: int
     missing_id: int
     resources: dict
@@ -118,8 +119,11 @@ class Prepared:
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
             text_encoder=None, text_identity: str | None = None) -> Prepared:
-    """discover -> extract (cached) -> account; writes rejects/ and features.json into ``rundir``."""
+    """discover -> extract (cached) -> account (on Ray workers); writes rejects/ and features.json into
+    ``rundir``."""
+    from raymmc.io.storage import list_files
     from raymmc.raysession import has_gpu, init_ray
+    from raymmc.train.usable import usable_rows
 
     modalities = used_modalities(cfg)
     with timer("discover"):
@@ -134,74 +138,63 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             text_encoder=text_encoder, text_identity=text_identity)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
-        light = ["id", "label", "caption", "has_image", "has_text", "image_note", "caption_note"]
-        acc = account(load_features(feature_dirs, cfg.storage, columns=light), modalities, cfg.extract.decode)
-        rundir.write_table("rejects", acc.rejects)
-    if acc.usable.num_rows + acc.rejects.num_rows != stats.rows:  # the accounting invariant, never relaxed
-        raise RuntimeError(f"accounting error: {stats.rows} rows read, {acc.usable.num_rows} usable + "
-                           f"{acc.rejects.num_rows} rejected")
-    log(f"account: {acc.usable.num_rows} usable, {acc.rejects.num_rows} rejected "
-        f"({acc.duplicates} duplicate id(s), {acc.missing_id} without id)")
-    return Prepared(input_uri, shards, stats, feature_dirs, acc.keep, acc.usable, acc.rejects, acc.duplicates,
-                    acc.missing_id, resources)
+        files = [f.path for d in feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
+        offsets, total = {}, 0
+        for shard in shards:  # the global index of a row: its position in the input
+            offsets[shard.uri] = total
+            total += shard.rows
+        fs, _ = storage.resolve(feature_dirs[0], cfg.storage) if feature_dirs else (None, None)
+        rfs, rpath = storage.resolve(rundir.path("rejects"), cfg.storage)
+        if files:
+            acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
+                              n_rows=stats.rows, rejects_path=rpath, rejects_filesystem=rfs)
+            dataset, usable, rejected, dups, missing = acc.dataset, acc.usable, acc.rejected, acc.duplicates, acc.missing_id
+        else:
+            dataset, usable, rejected, dups, missing = None, 0, 0, 0, 0
+        if rejected == 0:  # an empty rejects/ table, so that every run directory has one
+            from raymmc.accounting import REJECT_SCHEMA
+
+            storage.delete_dir(rundir.path("rejects"), cfg.storage)
+            rundir.write_table("rejects", REJECT_SCHEMA.empty_table())
+    if usable + rejected != stats.rows:  # the accounting invariant, never relaxed
+        raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable} usable + {rejected} rejected")
+    log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id)")
+    return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources)
+
+
+def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
+    """The usable rows on the driver, in input order: only for what still runs there (an in-process fit,
+    the HTML report). Everything else reads ``prep.dataset`` on the workers."""
+    import ray
+
+    ds = prep.dataset if columns is None else prep.dataset.select_columns(columns)
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("index")
 
 
 def usable_features(prep: Prepared, cfg: RunConfig) -> MultiViewData:
-    """The usable rows with their feature vectors, on the driver."""
-    table = load_features(prep.feature_dirs, cfg.storage).filter(pa.array(prep.keep))
-    return table_to_multiview(table, cfg.extract.pixels.channels)
+    """The usable rows with their feature vectors, on the driver (see :func:`driver_table`)."""
+    return table_to_multiview(driver_table(prep), cfg.extract.pixels.channels)
 
 
-def usable_dataset(prep: Prepared, cfg: RunConfig):
-    """The usable rows as a Ray Dataset (for Ray Train workers), with a dense global ``index``."""
-    import ray
-
-    from raymmc.io.storage import list_files
-
-    files = [f.path for d in prep.feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
-    fs, _ = storage.resolve(prep.feature_dirs[0], cfg.storage)
-    index = {(s, int(r)): i for i, (s, r) in enumerate(zip(prep.usable.column("source").to_pylist(),
-                                                           prep.usable.column("row").to_pylist()))}
-    from raymmc.raysession import ordered_execution
-
-    # Rows in file order, always: each Ray Train worker takes a fixed slice of them (trainer.exact_shards).
-    with ordered_execution():
-        ds = ray.data.read_parquet(sorted(files), filesystem=fs)
-        ds = ds.map_batches(_select_usable, batch_format="pyarrow", fn_kwargs={"index_ref": ray.put(index)})
-        # Materialised (in the object store, not on the driver) before training: once the workers
-        # hold every CPU, no read task could run any more.
-        return ds.materialize()
-
-
-def _select_usable(batch: pa.Table, index_ref) -> pa.Table:
-    import ray
-
-    index = ray.get(index_ref) if isinstance(index_ref, ray.ObjectRef) else index_ref
-    pos = [index.get((s, int(r)), -1) for s, r in zip(batch.column("source").to_pylist(),
-                                                      batch.column("row").to_pylist())]
-    pos = np.array(pos, dtype=np.int64)
-    keep = pos >= 0
-    return batch.filter(pa.array(keep)).append_column("index", pa.array(pos[keep]))
-
-
-def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model, dataset=None) -> dict:
+def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tuple[dict, list[str]]:
     """assignments/ (written by the prediction workers) and metrics.json (from the aggregated label x
-    cluster counts); the driver never holds a per-item array here."""
+    cluster counts); the driver never holds a per-item array here. Returns the metrics and the Ray nodes
+    the prediction ran on."""
     from raymmc.raysession import ordered_execution
     from raymmc.train.predict import OUTLIER, ModelSpec, predict_and_write
 
-    if prep.usable.num_rows == 0:
+    if prep.usable == 0:
         rundir.write_table("assignments", empty_assignments_table())
         metrics: dict = {"n_assigned": 0, "cluster_sizes": {}}
         rundir.write_json("metrics.json", metrics)
-        return metrics
+        return metrics, []
     spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
                      cfg.extract.pixels.channels)
     fs, path = storage.resolve(rundir.path("assignments"), cfg.storage)
     from raymmc.io import safestate
 
     with ordered_execution():  # assignments in the input's order, the same on every run
-        counts = predict_and_write(dataset if dataset is not None else usable_dataset(prep, cfg), spec,
+        counts = predict_and_write(prep.dataset, spec,
                                    safestate.dumps(model.state_dict()), path, filesystem=fs,
                                    workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
                                    batch_rows=cfg.cluster.train.read_batch_rows)
@@ -212,7 +205,7 @@ def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model, dataset
         metrics.update(evaluate_contingency(counts.table))
         metrics["n_labeled"] = int(counts.table.sum())
     rundir.write_json("metrics.json", metrics)
-    return metrics
+    return metrics, counts.nodes
 
 
 def empty_assignments_table() -> pa.Table:
@@ -226,16 +219,18 @@ def write_report(rundir: RunDir, cfg: RunConfig, prep: Prepared, metrics: dict, 
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
-    items = prep.usable.select(["id", "caption", "label", "source", "row"])
+    items = driver_table(prep, ["id", "caption", "label", "source", "row", "index"])
     written = rundir.read_table("assignments")
     # row-aligned with the items by id (the workers wrote them in input order; this does not rely on it)
-    assignments = written.take(pa.compute.index_in(items.column("id"), value_set=written.column("id")))
+    assignments = written.take(pc.index_in(items.column("id"), value_set=written.column("id")))
     return render(rundir, assignments, items, embedding, metrics=metrics, title=title, seed=cfg.seed,
                   image_loader=lambda pairs: load_images(pairs, cfg.storage))
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
                    **extra: object) -> dict:
+    from raymmc.raysession import alive_nodes
+
     stats = prep.stats
     manifest = {
         "raymmc_run": rundir.uri,
@@ -244,12 +239,13 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "seed": cfg.seed,
         "versions": package_versions(),
         "ray_resources": prep.resources,
+        "ray_nodes": alive_nodes(),
         "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
                      "files_extracted": stats.files_extracted, "stages": stats.stages},
         "counts": {
-            "read": stats.rows, "assigned": int(prep.usable.num_rows), "rejected": int(prep.rejects.num_rows),
+            "read": stats.rows, "assigned": prep.usable, "rejected": prep.rejected,
             "duplicates": prep.duplicates, "missing_id": prep.missing_id, "with_image": stats.with_image,
             "with_text": stats.with_text, "image_dropped": stats.image_dropped,
             "caption_dropped": stats.caption_dropped, "empty_files": sum(1 for s in prep.shards if s.rows == 0),
@@ -280,8 +276,17 @@ def load_model(rundir: RunDir, cfg: RunConfig):
     return model
 
 
+def train_nodes(train_report: dict) -> list[str]:
+    """The Ray nodes the clustering was fitted on: the Ray Train workers', or the driver's (in-process fit)."""
+    import ray
+
+    if train_report.get("nodes"):
+        return sorted(train_report["nodes"].split(","))
+    return [ray.get_runtime_context().get_node_id()]
+
+
 def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
-              resuming: bool = False, dataset=None):
+              resuming: bool = False):
     """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
     from raymmc.io import safestate
     from raymmc.raysession import has_gpu
@@ -294,7 +299,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
-    state, report = fit_ray_train(dataset if dataset is not None else usable_dataset(prep, cfg), algorithm=c.algorithm, clusters=c.clusters,
+    state, report = fit_ray_train(prep.dataset, algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
                           run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage,
                           pixel_channels=cfg.extract.pixels.channels)
@@ -331,15 +336,15 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     rundir.write_json("config.json", cfg.to_dict())
 
     prep = prepare(cfg, input_uri, rundir, timer, log)
-    if prep.usable.num_rows < cfg.cluster.clusters:
-        raise ValueError(f"only {prep.usable.num_rows} usable items for {cfg.cluster.clusters} clusters; "
+    if prep.usable < cfg.cluster.clusters:
+        raise ValueError(f"only {prep.usable} usable items for {cfg.cluster.clusters} clusters; "
                          f"see {rundir.path('rejects')}")
-    dataset = usable_dataset(prep, cfg)  # the usable rows in the object store: training shards, prediction input
     with timer("cluster"):
-        model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming, dataset)
+        model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming)
     save_model(rundir, model)
     with timer("predict"):
-        metrics = write_results(rundir, cfg, prep, model, dataset)
+        metrics, predict_nodes = write_results(rundir, cfg, prep, model)
+    extra["nodes"] = {"extract": prep.stats.nodes, "cluster": train_nodes(extra["train"]), "predict": predict_nodes}
     if cfg.report:
         with timer("report"):
             # Still on the driver: the report reads every usable item's features (bounded samples: issue 12).
@@ -402,8 +407,9 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):
-        metrics = write_results(rundir, cfg, prep, load_model(source, cfg))
-    manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run)
+        metrics, predict_nodes = write_results(rundir, cfg, prep, load_model(source, cfg))
+    manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run,
+                              nodes={"extract": prep.stats.nodes, "predict": predict_nodes})
     return RunResult(rundir.uri, metrics, manifest)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import os
 
 from raymmc.config import RayConfig
@@ -48,3 +47,10 @@ def ordered_execution():
         yield
     finally:
         options.preserve_order = before
+
+
+def alive_nodes() -> list[str]:
+    """The ids of the cluster's live nodes (recorded in the manifest beside each stage's nodes)."""
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))

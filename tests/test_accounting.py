@@ -44,3 +44,39 @@ def test_image_only_algorithms_reject_text_only_rows():
     assert reasons["b"] == "image: corrupt (x); caption present but this run does not use text"
     acc = account(table(ROWS), modalities=frozenset({"text"}))
     assert acc.usable.column("id").to_pylist() == ["a", "b"]
+
+
+def test_the_distributed_pass_equals_the_in_process_account(ray_session, tmp_path):
+    """raymmc.train.usable (light columns hash-partitioned by id on Ray workers, rejects written by them) keeps
+    the same rows and rejects the same rows for the same reasons as account(), across files and partitions."""
+    import pyarrow.parquet as pq
+
+    import raymmc.train.usable as usable_mod
+    from raymmc.train.usable import usable_rows
+
+    rows = ROWS + [("a", "f2", 0, True, False, "", ""), ("f", "f2", 1, True, True, "", ""),
+                   ("f", "f2", 2, False, False, "", ""), ("\x00bad", "f2", 3, True, True, "", "")]
+    full = table(rows).append_column("label", pa.array(["x"] * len(rows)))
+    files = []
+    for src in ("f0", "f1", "f2"):
+        part = full.filter(pa.compute.equal(full.column("source"), src))
+        path = tmp_path / f"{src}.parquet"
+        pq.write_table(part, path)
+        files.append(str(path))
+    expected = account(full)
+    offsets = {"f0": 0, "f1": 100, "f2": 200}
+    old = usable_mod.ROWS_PER_PARTITION
+    usable_mod.ROWS_PER_PARTITION = 3  # several id partitions even on 11 rows
+    try:
+        got = usable_rows(files, None, modalities=frozenset({"image", "text"}), decode=None, offsets=offsets,
+                          n_rows=len(rows), rejects_path=str(tmp_path / "rejects"), rejects_filesystem=None)
+    finally:
+        usable_mod.ROWS_PER_PARTITION = old
+    kept = pa.concat_tables(ray_session.get(got.dataset.to_arrow_refs())).sort_by("index")
+    assert kept.column("id").to_pylist() == expected.usable.column("id").to_pylist()
+    assert kept.column("index").to_pylist() == [offsets[s] + r for s, r in zip(
+        expected.usable.column("source").to_pylist(), expected.usable.column("row").to_pylist())]
+    written = pq.read_table(tmp_path / "rejects").sort_by([("source", "ascending"), ("row", "ascending")])
+    assert written.to_pylist() == expected.rejects.to_pylist()
+    assert (got.usable, got.rejected, got.duplicates, got.missing_id) == (
+        expected.usable.num_rows, expected.rejects.num_rows, expected.duplicates, expected.missing_id) == (4, 7, 3, 1)

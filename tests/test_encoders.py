@@ -107,3 +107,33 @@ def test_text_encoder_factory():
     assert isinstance(make_text_encoder(TextEncoderConfig(model="tfidf")), TfidfSvdEncoder)
     with pytest.raises(ValueError, match="unknown text model"):
         make_text_encoder(TextEncoderConfig(model="bert"))
+
+
+def test_fitted_encoders_learn_from_a_bounded_sample_that_ignores_the_file_layout(tmp_path):
+    """caption_sample: at most fit_sample captions, chosen by a keyed hash of the ids, so splitting the
+    same items into other files changes nothing; all of them when fit_sample covers the archive."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymmc.features.decode import DecodeConfig
+    from raymmc.features.extract import caption_sample
+    from raymmc.io.shards import discover
+
+    n = 300
+    ids = [f"item-{i}" for i in range(n)]
+    caps = [f"caption number {i}" if i % 7 else "" for i in range(n)]  # every 7th empty: never sampled
+
+    def archive(name: str, cuts: list[int]) -> list:
+        root = tmp_path / name
+        root.mkdir()
+        for j, (a, b) in enumerate(zip([0, *cuts], [*cuts, n])):
+            pq.write_table(pa.table({"id": ids[a:b], "caption": caps[a:b]}), root / f"part-{j:05d}.parquet")
+        return discover(str(root))
+
+    one, three = archive("one", []), archive("three", [50, 220])
+    sample = caption_sample(one, DecodeConfig(), 40, seed=0, storage=None)
+    assert len(sample) == 40 and "" not in sample and len(set(sample)) == 40
+    assert caption_sample(three, DecodeConfig(), 40, seed=0, storage=None) == sample
+    assert caption_sample(one, DecodeConfig(), 40, seed=1, storage=None) != sample
+    everything = caption_sample(three, DecodeConfig(), 10_000, seed=0, storage=None)
+    assert sorted(everything) == sorted(c for c in caps if c)

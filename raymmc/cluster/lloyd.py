@@ -4,7 +4,6 @@ K x d sums and K counts. No worker ever sees another's rows; rank 0 sees the bou
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import faiss
@@ -12,8 +11,7 @@ import numpy as np
 import torch
 
 from raymmc.cluster.base import GlobalOps
-
-_U64 = float(2**64)
+from raymmc.hashing import keep_fraction, keyed_priority, under
 
 
 def item_keys(ids: np.ndarray | None, index: np.ndarray | None, n: int) -> np.ndarray:
@@ -27,15 +25,9 @@ def item_keys(ids: np.ndarray | None, index: np.ndarray | None, n: int) -> np.nd
 
 
 def sample_priority(keys: np.ndarray, seed: int) -> np.ndarray:
-    """(n,) uint64: a keyed hash of each item, uniform on [0, 2**64). An item's priority depends only
-    on its key and the seed, so the sample (the lowest priorities) is the same for any sharding."""
-    salt = int(seed).to_bytes(8, "little", signed=False)
-    out = np.empty(len(keys), dtype=np.uint64)
-    for i, key in enumerate(keys):
-        raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else int(key).to_bytes(8, "little",
-                                                                                                    signed=True)
-        out[i] = int.from_bytes(hashlib.blake2b(raw, digest_size=8, key=salt).digest(), "little")
-    return out
+    """(n,) uint64: a keyed hash of each item (:func:`raymmc.hashing.keyed_priority`). An item's priority
+    depends only on its key and the seed, so the sample (the lowest priorities) is the same for any sharding."""
+    return keyed_priority(keys, seed)
 
 
 def shard_sample(x: np.ndarray, priority: np.ndarray, size: int, ops: GlobalOps) -> np.ndarray:
@@ -43,8 +35,7 @@ def shard_sample(x: np.ndarray, priority: np.ndarray, size: int, ops: GlobalOps)
     (an empty array elsewhere). Each worker sends only rows under a threshold that keeps ``size / n`` of
     the items in expectation (x 1.2 + 64, so a shortfall is rare and then only shrinks the sample)."""
     n_total = int(ops.all_reduce_sum(torch.tensor([len(x)], dtype=torch.float64)).item())
-    frac = 1.0 if size >= n_total else min(1.0, (1.2 * size + 64) / n_total)
-    keep = priority < np.uint64(min(_U64 * frac, _U64 - 1)) if frac < 1.0 else np.ones(len(x), bool)
+    keep = under(priority, keep_fraction(size, n_total))
     # Priorities travel as two exact float64 halves (torch has no uint64 collectives).
     hi, lo = (priority[keep] >> np.uint64(32)).astype(np.float64), (priority[keep] & np.uint64(2**32 - 1)).astype(
         np.float64)

@@ -30,6 +30,14 @@ from raymmc.io.storage import StorageError, StorageOptions, resolve
 
 FEATURE_COLUMNS = ("id", "source", "row", "label", "caption", "has_image", "has_text", "image_note",
                    "caption_note", "image_feat", "text_feat", "pixels")
+# The Ray node each encoder ran on: carried to the write task, reported in the manifest, not written.
+NODE_COLUMNS = ("image_node", "text_node")
+
+
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 @dataclass
@@ -66,6 +74,7 @@ class ExtractStats:
     image_encoder: dict[str, Any] = field(default_factory=dict)
     # Per Ray Data stage of this run's job: name, rows, seconds from its first task's start to its last's end.
     stages: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # Ray nodes whose encoders and writers ran (this run's files)
 
 
 _STAGE_LINE = re.compile(r"^Operator \d+ (?P<name>.+?): \d+ tasks executed, \d+ blocks produced in (?P<s>[\d.]+)s",
@@ -204,6 +213,7 @@ class ImageEmbedder:
             feats[mask] = self.encoder(pixels[mask])
             drop_non_finite(batch, feats, "image")
         batch["image_feat"] = feats
+        batch["image_node"] = np.full(len(mask), node_id(), dtype=object)
         return batch
 
 
@@ -229,13 +239,14 @@ class TextEmbedder:
             feats[mask] = self.encoder.encode([str(c) for c in batch["caption"][mask]])
             drop_non_finite(batch, feats, "caption")
         batch["text_feat"] = feats
+        batch["text_node"] = np.full(len(mask), node_id(), dtype=object)
         return batch
 
 
 def to_arrow(batch: dict[str, np.ndarray]) -> pa.Table:
     """Feature batch -> Arrow with fixed-size-list vectors (readable by plain pyarrow, no Ray types)."""
     cols: dict[str, pa.Array] = {}
-    for name in FEATURE_COLUMNS:
+    for name in FEATURE_COLUMNS + NODE_COLUMNS:
         if name not in batch:
             continue
         value = batch[name]
@@ -309,6 +320,9 @@ def write_feature_batch(batch: pa.Table, root: str, keys: dict[str, str], storag
     from raymmc.io.storage import join, resolve as _resolve
 
     written = {"key": [], "first": [], "last": []}
+    nodes = sorted({n for c in NODE_COLUMNS if c in batch.column_names for n in batch.column(c).unique().to_pylist()
+                    if n} | {node_id()})
+    batch = batch.drop_columns([c for c in NODE_COLUMNS if c in batch.column_names])
     sources = batch.column("source").to_numpy(zero_copy_only=False)
     rows = batch.column("row").to_numpy()
     for src in np.unique(sources):
@@ -325,7 +339,8 @@ def write_feature_batch(batch: pa.Table, root: str, keys: dict[str, str], storag
             written["first"].append(first)
             written["last"].append(last)
     return pa.table({"key": pa.array(written["key"], pa.string()), "first": pa.array(written["first"], pa.int64()),
-                     "last": pa.array(written["last"], pa.int64())})
+                     "last": pa.array(written["last"], pa.int64()),
+                     "nodes": pa.array([",".join(nodes)] * len(written["key"]), pa.string())})
 
 
 def _complete(root: str, shard: Shard, storage: StorageOptions) -> bool:
@@ -356,26 +371,62 @@ def cached_files(root: str, shards: list[Shard], storage: StorageOptions | None)
 # --- the job ------------------------------------------------------------------------------------
 
 def fit_text_encoder(shards: list[Shard], cfg: TextEncoderConfig, decode: DecodeConfig, seed: int,
-                     storage: StorageOptions):
-    """Fit the text encoder on the archive's own captions (read column-only, on the driver)."""
+                     storage: StorageOptions, cpus_per_task: float = 0.25):
+    """Fit the text encoder on a bounded seeded sample of the archive's own captions
+    (:func:`caption_sample`)."""
     if cfg.model == "none":
         return None
-    from raymmc.io.shards import read_shard
-
     encoder = make_text_encoder(cfg, seed)
     if cfg.model == "minilm":
         return encoder  # pretrained
-    texts: list[str] = []
-    for shard in shards:
-        if "caption" not in shard.columns:
-            continue
-        for raw in _raw_bytes(read_shard(shard, storage, ["caption"]), "caption"):
-            text, _ = clean_caption(raw, decode)
-            if text:
-                texts.append(text)
+    texts = caption_sample(shards, decode, cfg.fit_sample, seed, storage, cpus_per_task)
     if len(texts) < 2:
         return None
     return encoder.fit(texts)
+
+
+def caption_sample(shards: list[Shard], decode: DecodeConfig, size: int, seed: int, storage: StorageOptions,
+                   cpus_per_task: float = 0.25) -> list[str]:
+    """At most ``size`` cleaned, non-empty captions: those of lowest keyed-hash priority (of the item id,
+    or file URI and row where the id is empty), in priority order. Each file is read by its own Ray task
+    (in-process where Ray is not running), which returns only its captions under the priority threshold,
+    so the caller holds O(size) captions, never the archive's."""
+    import ray
+
+    from raymmc.hashing import keep_fraction
+
+    with_captions = [s for s in shards if "caption" in s.columns and s.rows > 0]
+    fraction = keep_fraction(size, sum(s.rows for s in with_captions))
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=cpus_per_task)(_shard_captions)
+        parts = ray.get([task.remote(s, decode, seed, fraction, storage) for s in with_captions])
+    else:
+        parts = [_shard_captions(s, decode, seed, fraction, storage) for s in with_captions]
+    if not parts:
+        return []
+    priority = np.concatenate([p for p, _ in parts])
+    texts = [t for _, ts in parts for t in ts]
+    return [texts[i] for i in np.argsort(priority, kind="stable")[:size]]
+
+
+def _shard_captions(shard: Shard, decode: DecodeConfig, seed: int, fraction: float,
+                    storage: StorageOptions) -> tuple[np.ndarray, list[str]]:
+    from raymmc.hashing import keyed_priority, under
+    from raymmc.io.shards import read_shard
+
+    table = read_shard(shard, storage, ["id", "caption"])
+    ids = _raw_bytes(table, "id")  # bytes: an id need not be valid UTF-8 to key a sample
+    keys = [i if i else f"{shard.uri}#{row}" for row, i in enumerate(ids)]
+    priority = keyed_priority(keys, seed)
+    keep = np.flatnonzero(under(priority, fraction))
+    raw = _raw_bytes(table.take(pa.array(keep, pa.int64())), "caption")
+    texts, kept = [], []
+    for j, value in zip(keep, raw):
+        text, _ = clean_caption(value, decode)
+        if text:
+            texts.append(text)
+            kept.append(j)
+    return priority[np.array(kept, dtype=np.int64)], texts
 
 
 def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, seed: int,
@@ -405,7 +456,8 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     if "text" not in modalities or not todo:
         text_encoder = None
     elif text_encoder is None:
-        text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage)
+        text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage,
+                                        extract_cfg.cpus_per_task)
         fitted_here = text_encoder is not None
     if fitted_here and extract_cfg.text.model in FITTED:  # (MiniLM is pretrained: nothing to save)
         # Saved beside the features: `raymmc assign` encodes new captions with the same encoder. Arrays and plain
@@ -415,7 +467,8 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         write_bytes(join(root, TEXT_ENCODER_FILE), safestate.dumps(text_encoder.to_state()), storage)
 
     if todo:
-        ray_stats = _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image, text_encoder)
+        ray_stats, stats.nodes = _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image,
+                                         text_encoder)
         stats.stages = stage_times(ray_stats, sum(s.rows for s in todo))
     for s in shards:
         if s.rows > 0 and s in todo:
@@ -423,22 +476,14 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
                         json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
 
     dirs = cached_files(root, shards, storage)
-    table = load_features(dirs, storage, columns=["has_image", "has_text", "image_note", "caption_note",
-                                                  "image_feat", "text_feat"])
-    if "image_feat" in table.column_names:
-        stats.image_encoder = {"model": img_cfg.model, "weights": img_cfg.weights,
-                               "dim": table.schema.field("image_feat").type.list_size}
-    if "text_feat" in table.column_names:
-        stats.text_encoder = {"model": extract_cfg.text.model,
-                              "dim": table.schema.field("text_feat").type.list_size}
-    stats.rows = table.num_rows
-    stats.with_image = int(np.sum(table.column("has_image").to_numpy(zero_copy_only=False)))
-    stats.with_text = int(np.sum(table.column("has_text").to_numpy(zero_copy_only=False)))
-    # A note on a row that kept the modality (a truncated caption) is not a drop.
-    stats.image_dropped = sum(1 for v, h in zip(table.column("image_note").to_pylist(),
-                                                table.column("has_image").to_pylist()) if v and not h)
-    stats.caption_dropped = sum(1 for v, h in zip(table.column("caption_note").to_pylist(),
-                                                  table.column("has_text").to_pylist()) if v and not h)
+    dims = feature_dims(dirs, storage)
+    if "image_feat" in dims:
+        stats.image_encoder = {"model": img_cfg.model, "weights": img_cfg.weights, "dim": dims["image_feat"]}
+    if "text_feat" in dims:
+        stats.text_encoder = {"model": extract_cfg.text.model, "dim": dims["text_feat"]}
+    counts = feature_counts(dirs, storage, extract_cfg.cpus_per_task)
+    stats.rows, stats.with_image, stats.with_text = counts["rows"], counts["with_image"], counts["with_text"]
+    stats.image_dropped, stats.caption_dropped = counts["image_dropped"], counts["caption_dropped"]
     stats.seconds = time.time() - t0
     stats.cache = root
     for st in stats.stages:
@@ -450,10 +495,51 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     return dirs, stats
 
 
+def feature_dims(dirs: list[str], storage: StorageOptions | None) -> dict[str, int]:
+    """``{"image_feat": d, "text_feat": d}`` (the columns present) from one feature file's schema."""
+    from raymmc.io.storage import list_files
+
+    for d in dirs:
+        files = list_files(d, ".parquet", storage)
+        if files:
+            fs, _ = resolve(d, storage)
+            schema = pq.read_schema(files[0].path, filesystem=fs)
+            return {c: schema.field(c).type.list_size for c in ("image_feat", "text_feat") if c in schema.names}
+    return {}
+
+
+COUNT_KEYS = ("rows", "with_image", "with_text", "image_dropped", "caption_dropped")
+
+
+def feature_counts(dirs: list[str], storage: StorageOptions | None, cpus_per_task: float = 0.25) -> dict[str, int]:
+    """Rows, rows with an image / a caption, and dropped images / captions over the feature files, counted by
+    one Ray task per file (in-process without Ray): the caller receives five integers per file."""
+    import ray
+
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=cpus_per_task)(_dir_counts)
+        parts = ray.get([task.remote(d, storage) for d in dirs])
+    else:
+        parts = [_dir_counts(d, storage) for d in dirs]
+    return {k: int(sum(p[k] for p in parts)) for k in COUNT_KEYS}
+
+
+def _dir_counts(d: str, storage: StorageOptions | None) -> dict[str, int]:
+    t = load_features([d], storage, columns=["has_image", "has_text", "image_note", "caption_note"])
+    has_image = t.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
+    has_text = t.column("has_text").to_numpy(zero_copy_only=False).astype(bool)
+    # A note on a row that kept the modality (a truncated caption) is not a drop.
+    image_note = np.array([bool(v) for v in t.column("image_note").to_pylist()], dtype=bool)
+    caption_note = np.array([bool(v) for v in t.column("caption_note").to_pylist()], dtype=bool)
+    return {"rows": t.num_rows, "with_image": int(has_image.sum()), "with_text": int(has_text.sum()),
+            "image_dropped": int((image_note & ~has_image).sum()),
+            "caption_dropped": int((caption_note & ~has_text).sum())}
+
+
 def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOptions, has_gpu: bool,
-            modalities: frozenset[str], use_image: bool, text_encoder: Any) -> str:
+            modalities: frozenset[str], use_image: bool, text_encoder: Any) -> tuple[str, list[str]]:
     """The Ray Data job over the files in ``todo``, writing the feature cache under ``root``; returns Ray
-    Data's stats of the job."""
+    Data's stats of the job and the nodes it ran on."""
     import dataclasses
 
     import ray
@@ -511,7 +597,8 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
         for s in todo:
             if not _complete(root, s, storage):
                 raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
-        return done.stats()
+        nodes = sorted({n for row in done.select_columns(["nodes"]).take_all() for n in row["nodes"].split(",")})
+        return done.stats(), nodes
 
 
 def _input_error(exc: Exception, todo: list[Shard], storage: StorageOptions) -> Exception:

@@ -40,6 +40,10 @@ class TextEncoderConfig:
     # sentence-transformers model name or path; "auto" = the bundled offline all-MiniLM-L6-v2.
     minilm_model: str = "auto"
     batch_size: int = 64
+    # Encoders fitted on the archive (doc2vec, tfidf) learn from at most this many captions, a seeded sample by
+    # a keyed hash of the item ids (the same for any file layout); a million captions hold a vocabulary and its
+    # document frequencies, and bound the fitting process's memory however large the archive grows.
+    fit_sample: int = 1_000_000
     doc2vec: Doc2VecConfig = field(default_factory=Doc2VecConfig)
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ASSIGNMENT_COLUMNS = ["id", "cluster", "confidence", "has_image", "has_text", "note"]
 OUTLIER = -1  # the cluster id of an item an outlier rule left out
@@ -41,6 +42,7 @@ class Predictor:
         self.spec = spec
         self.model = make_clusterer(spec.algorithm, spec.clusters, spec.params, seed=spec.seed)
         self.model.load_state_dict(safestate.loads(raw, where="the fitted model"))
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raymmc.accounting import item_notes
@@ -64,6 +66,7 @@ class Predictor:
             "has_text": batch.column("has_text"),
             "note": pa.array(notes, pa.string()),
             "label": batch.column("label").cast(pa.string()),
+            "node": pa.array([self.node] * batch.num_rows, pa.string()),
         })
 
 
@@ -71,16 +74,19 @@ def empty_assignments(batch: pa.Table | None = None) -> pa.Table:
     return pa.table({"id": pa.array([], pa.string()), "cluster": pa.array([], pa.int64()),
                      "confidence": pa.array([], pa.float32()), "has_image": pa.array([], pa.bool_()),
                      "has_text": pa.array([], pa.bool_()), "note": pa.array([], pa.string()),
-                     "label": pa.array([], pa.string())})
+                     "label": pa.array([], pa.string()), "node": pa.array([], pa.string())})
 
 
 def label_cluster_counts(batch: pa.Table) -> pa.Table:
-    """One block's (labeled, label, cluster, count) rows; ``labeled`` keeps null labels apart from ""."""
+    """One block's (labeled, label, cluster, node, count) rows; ``labeled`` keeps null labels apart from ""."""
     label = batch.column("label")
-    labeled = pa.compute.is_valid(label)
-    keys = pa.table({"labeled": labeled, "label": pa.compute.fill_null(label, ""), "cluster": batch.column("cluster")})
-    return keys.group_by(["labeled", "label", "cluster"]).aggregate([([], "count_all")]).rename_columns(
-        ["labeled", "label", "cluster", "count"])
+    labeled = pc.is_valid(label)
+    keys = pa.table({"labeled": labeled, "label": pc.fill_null(label, ""), "cluster": batch.column("cluster"),
+                     "node": batch.column("node")})
+    return keys.group_by(COUNT_KEYS).aggregate([([], "count_all")]).rename_columns([*COUNT_KEYS, "count"])
+
+
+COUNT_KEYS = ["labeled", "label", "cluster", "node"]
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Counts:
     clusters: list[int]  # cluster ids that occur (OUTLIER included), sorted
     table: np.ndarray  # (len(labels), len(clusters)) items with that label in that cluster
     unlabeled: np.ndarray  # (len(clusters),) items without a label per cluster
+    nodes: list[str]  # the Ray nodes the predictors ran on
 
     @property
     def sizes(self) -> dict[int, int]:
@@ -111,7 +118,7 @@ def aggregate_counts(rows: list[dict]) -> Counts:
             table[li[r["label"]], ci[int(r["cluster"])]] += int(r["count"])
         else:
             unlabeled[ci[int(r["cluster"])]] += int(r["count"])
-    return Counts(labels, clusters, table, unlabeled)
+    return Counts(labels, clusters, table, unlabeled, sorted({r["node"] for r in rows}))
 
 
 def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
@@ -126,6 +133,6 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
         batch_format="pyarrow", batch_size=batch_rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
     ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
-    counts = assigned.map_batches(label_cluster_counts, batch_format="pyarrow").groupby(
-        ["labeled", "label", "cluster"]).sum("count").take_all()
+    counts = assigned.map_batches(label_cluster_counts, batch_format="pyarrow").groupby(COUNT_KEYS).sum(
+        "count").take_all()
     return aggregate_counts([{**r, "count": r["sum(count)"]} for r in counts])

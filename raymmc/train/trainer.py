@@ -81,6 +81,7 @@ def _serialize(state: dict) -> bytes:
 
 def _train_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
@@ -154,8 +155,9 @@ def _train_loop(loop_cfg: dict) -> None:
             with open(os.path.join(tmp, RESUME_FILE), "wb") as f:
                 f.write(_serialize(protocol.record(model.name, Phase.DONE, {"model": model.state_dict()}, [], [])))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None)},
-                         checkpoint=checkpoint)
+        nodes = sorted(set(protocol.gather_strings(ray.get_runtime_context().get_node_id(), ops)))
+        ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None),
+                          "nodes": ",".join(nodes)}, checkpoint=checkpoint)
 
 
 def latest_checkpoint(storage_path: str, run_name: str, options=None):

@@ -1,0 +1,112 @@
+"""The accounting pass on Ray workers: which feature rows are clustered, which are rejected and why,
+with nothing per item on the driver.
+
+Rules that need only the row (an unusable id, nothing this run clusters on) run where the row is read.
+Duplicate ids need every row of an id together: the light columns (id, source, row, flags, notes: about
+100 bytes a row, not the features) are hash-partitioned by id and each partition finds its duplicates
+(``raymmc.accounting.id_group_rejects``, the same kernel the in-process ``account`` uses). The workers
+write ``rejects/``; the duplicates' (source, row) keys travel to the feature readers through the object
+store (their memory grows with the number of duplicates, not of items). Each usable row gets a global
+``index`` = the row's position in the input (file offset + row), unique and in input order, from a
+dictionary of O(files) offsets.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raymmc.accounting import LIGHT_COLUMNS, REJECT_SCHEMA, id_group_rejects, id_rejects, row_reasons
+
+ROWS_PER_PARTITION = 500_000  # light rows per id partition: ~50 MB a task, enough partitions to spread
+
+
+@dataclass
+class UsableRows:
+    dataset: Any  # ray.data.Dataset of usable feature rows (+ ``index``), materialised, in input order
+    usable: int
+    rejected: int
+    duplicates: int
+    missing_id: int
+
+
+def _annotate(batch: pa.Table, modalities: frozenset[str], decode: Any, partitions: int) -> pa.Table:
+    reasons = row_reasons(batch, modalities, decode)
+    ids = batch.column("id").cast(pa.binary()).to_pylist()
+    problems = reasons.column("id_problem").to_pylist()
+    # -1: an unusable id, rejected where it is read; the others go to the partition of their id
+    bucket = [-1 if p is not None else zlib.crc32(i) % partitions for i, p in zip(ids, problems)]
+    out = batch.select(LIGHT_COLUMNS)
+    for name in reasons.column_names:
+        out = out.append_column(name, reasons.column(name))
+    return out.append_column("bucket", pa.array(bucket, pa.int64()))
+
+
+def _id_rejects(batch: pa.Table) -> pa.Table:
+    rejects = id_rejects(batch)
+    return rejects.append_column("duplicate", pa.array(np.zeros(rejects.num_rows, dtype=bool)))
+
+
+def _group_rejects(group: pa.Table) -> pa.Table:
+    return id_group_rejects(group)
+
+
+def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: dict[str, int],
+            duplicate_refs: list) -> pa.Table:
+    dup = _duplicate_keys(tuple(duplicate_refs)) if duplicate_refs else frozenset()
+    reasons = row_reasons(batch, modalities, decode)
+    ok = pc.and_(pc.is_null(reasons.column("id_problem")), pc.is_null(reasons.column("unusable"))).to_numpy(
+        zero_copy_only=False)
+    sources, rows = batch.column("source").to_pylist(), batch.column("row").to_pylist()
+    if dup:
+        ok &= np.array([(s, int(r)) not in dup for s, r in zip(sources, rows)], dtype=bool)
+    keep = np.flatnonzero(ok)
+    index = np.array([offsets[sources[i]] + int(rows[i]) for i in keep], dtype=np.int64)
+    return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index))
+
+
+_DUPLICATES: dict[tuple, frozenset] = {}
+
+
+def _duplicate_keys(refs: tuple) -> frozenset:
+    """The duplicates' (source, row) keys, fetched once per worker process."""
+    import ray
+
+    if refs not in _DUPLICATES:
+        tables = ray.get(list(refs))
+        _DUPLICATES.clear()
+        _DUPLICATES[refs] = frozenset((s, int(r)) for t in tables for s, r in zip(
+            t.column("source").to_pylist(), t.column("row").to_pylist()))
+    return _DUPLICATES[refs]
+
+
+def usable_rows(files: list[str], filesystem, *, modalities: frozenset[str], decode: Any, offsets: dict[str, int],
+                n_rows: int, rejects_path: str, rejects_filesystem) -> UsableRows:
+    """Account for every row of the feature ``files``: write the rejects under ``rejects_path`` (from the
+    workers) and return the usable rows, materialised in the object store, with counts."""
+    import ray
+
+    from raymmc.raysession import ordered_execution
+
+    partitions = int(min(1024, max(1, n_rows // ROWS_PER_PARTITION)))
+    light = ray.data.read_parquet(sorted(files), filesystem=filesystem, columns=LIGHT_COLUMNS).map_batches(
+        _annotate, batch_format="pyarrow", fn_kwargs={"modalities": modalities, "decode": decode,
+                                                     "partitions": partitions}).materialize()
+    bad_ids = light.filter(expr="bucket < 0").map_batches(_id_rejects, batch_format="pyarrow")
+    grouped = light.filter(expr="bucket >= 0").groupby("bucket").map_groups(_group_rejects, batch_format="pyarrow")
+    rejects = bad_ids.union(grouped).materialize()
+    missing = int(light.sum("missing") or 0) if light.count() else 0
+    rejects.select_columns(REJECT_SCHEMA.names).write_parquet(rejects_path, filesystem=rejects_filesystem)
+    duplicates = rejects.filter(expr="duplicate").select_columns(["source", "row"]).materialize()
+    n_dup = duplicates.count()
+    refs = duplicates.to_arrow_refs() if n_dup else []
+    with ordered_execution():  # input order: the Ray Train shards are slices of it
+        ds = ray.data.read_parquet(sorted(files), filesystem=filesystem).map_batches(
+            _select, batch_format="pyarrow", fn_kwargs={"modalities": modalities, "decode": decode,
+                                                       "offsets": offsets, "duplicate_refs": refs}).materialize()
+    return UsableRows(ds, ds.count(), rejects.count(), n_dup, missing)

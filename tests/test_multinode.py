@@ -1,0 +1,102 @@
+"""A real two-node Ray cluster on this machine (`ray start --head`, then a second `ray start --address` with
+its own custom resource), and `raymmc run` submitted to it as a user would (RAY_ADDRESS): extraction,
+k-means and prediction run on both nodes, and the clustering equals a single-node run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+
+from raymmc.io.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+RAYMMC = str(Path(sys.executable).with_name("raymmc"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_pids(temp_dir: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:] if temp_dir in line]
+
+
+@pytest.fixture()
+def two_nodes(tmp_path_factory):
+    """Head and worker node, 3 logical CPUs each (a 2-CPU encoder, Train worker or predictor per node,
+    plus room for the light tasks), in their own temp dir so that stopping them leaves any other Ray
+    cluster on the machine (the suite's ray_session) alone."""
+    temp_dir = str(tmp_path_factory.mktemp("ray2"))
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats", "--include-dashboard=false"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", *common],
+                   check=True, env=env, capture_output=True)
+    try:
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                        "--resources", json.dumps({"second_node": 1}), *common],
+                       check=True, env=env, capture_output=True)
+        yield {"address": f"127.0.0.1:{port}", "env": env}
+    finally:
+        pids = _cluster_pids(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        for pid in _cluster_pids(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _run(args: list[str], env: dict) -> None:
+    proc = subprocess.run([RAYMMC, "run", *args], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_a_run_uses_both_nodes_and_matches_a_single_node_run(two_nodes, bad_archive, tmp_path):
+    common = ["--input", bad_archive["uri"], "--clusters", "3", "--set", "report=false",
+              "--set", "extract.text.model=tfidf"]
+    env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["address"], "RAYMMC_PROGRESS": "0"}
+    _run([*common, "--output", str(tmp_path / "multi"), "--run-name", "r", "--workers", "2",
+          "--set", "cluster.train.cpus_per_worker=2", "--set", "extract.min_actors=2",
+          "--set", "extract.cpus_per_actor=2"], env)
+    single_env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_ADDRESS"}
+    _run([*common, "--output", str(tmp_path / "single"), "--run-name", "r", "--set", "ray.num_cpus=2"],
+         {**single_env, "RAYMMC_PROGRESS": "0"})
+
+    multi = RunDir(str(tmp_path / "multi" / "r"))
+    manifest = multi.read_json("manifest.json")
+    nodes, stages = set(manifest["ray_nodes"]), manifest["nodes"]
+    assert len(nodes) == 2
+    for stage in ("extract", "cluster", "predict"):
+        assert set(stages[stage]) == nodes, (stage, stages)  # every stage ran on both nodes
+    assert manifest["train"]["workers"] == 2
+    counts = manifest["counts"]
+    assert counts["read"] == counts["assigned"] + counts["rejected"] == bad_archive["n_rows"]
+
+    one = {r["id"]: r["cluster"] for r in RunDir(str(tmp_path / "single" / "r")).read_table("assignments").to_pylist()}
+    two = {r["id"]: r["cluster"] for r in multi.read_table("assignments").to_pylist()}
+    assert sorted(one) == sorted(two)
+    ids = sorted(one)
+    assert normalized_mutual_info_score([one[i] for i in ids], [two[i] for i in ids]) >= 0.99
