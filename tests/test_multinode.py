@@ -45,8 +45,9 @@ def two_nodes(tmp_path_factory):
     temp_dir = str(tmp_path_factory.mktemp("ray2"))
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats", "--include-dashboard=false"]
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", *common],
+    common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                    "--include-dashboard=false", *common],
                    check=True, env=env, capture_output=True)
     try:
         subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
@@ -75,12 +76,16 @@ def _run(args: list[str], env: dict) -> None:
 
 
 def test_a_run_uses_both_nodes_and_matches_a_single_node_run(two_nodes, bad_archive, tmp_path):
+    # one feature cache: the single-node run clusters the features the two-node run extracted
     common = ["--input", bad_archive["uri"], "--clusters", "3", "--set", "report=false",
-              "--set", "extract.text.model=tfidf"]
+              "--set", "extract.text.model=tfidf", "--set", f"extract.cache={tmp_path / 'cache'}"]
     env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["address"], "RAYMMC_PROGRESS": "0"}
     _run([*common, "--output", str(tmp_path / "multi"), "--run-name", "r", "--workers", "2",
           "--set", "cluster.train.cpus_per_worker=2", "--set", "extract.min_actors=2",
-          "--set", "extract.cpus_per_actor=2"], env)
+          "--set", "extract.cpus_per_actor=2",
+          # 15 blocks of 4 rows queue up while the two encoder actors load their models, more than the 4 in
+          # flight Ray Data gives the actor beside them: the other node's actor encodes too
+          "--set", "extract.decode_batch_size=4"], env)
     single_env = {k: v for k, v in two_nodes["env"].items() if k != "RAY_ADDRESS"}
     _run([*common, "--output", str(tmp_path / "single"), "--run-name", "r", "--set", "ray.num_cpus=2"],
          {**single_env, "RAYMMC_PROGRESS": "0"})

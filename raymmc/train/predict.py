@@ -128,9 +128,16 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
     import ray
 
     ref = ray.put(state)
+    # A small archive would go to one actor: map_batches bundles blocks up to batch_size rows per task, and
+    # Ray Data sends tasks to the actor beside their blocks until it has 4 in flight. At least 8 blocks and
+    # tasks per actor give every actor work (no shuffle: the input order stays).
+    n = dataset.count()
+    if dataset.num_blocks() < 8 * workers:
+        dataset = dataset.repartition(8 * workers)
+    rows = max(1, min(batch_rows, -(-n // (8 * workers))))
     assigned = dataset.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker))},
-        batch_format="pyarrow", batch_size=batch_rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
+        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
     ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
     counts = assigned.map_batches(label_cluster_counts, batch_format="pyarrow").groupby(COUNT_KEYS).sum(
