@@ -55,6 +55,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_workers(worker, out_dir, nprocs: int = 2) -> list:
+    """Run ``worker(rank, world, port, out_dir)`` in ``nprocs`` processes (a gloo group on a free port);
+    return each rank's ``rank<r>.npz``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(nprocs, _free_port(), str(out_dir)), nprocs=nprocs, join=True)
+    return [np.load(f"{out_dir}/rank{r}.npz") for r in range(nprocs)]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1, as s3fs's own tests use."""

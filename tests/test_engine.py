@@ -229,15 +229,9 @@ def _uneven_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_ddp_workers_on_uneven_shards_finish_every_algorithm(tmp_path):
-    import socket
+    from conftest import spawn_workers
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_uneven_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    r0, r1 = spawn_workers(_uneven_worker, tmp_path)
     for name in ("kmeans", "dec", "jecl", "dm2c", "mmdc"):
         np.testing.assert_array_equal(r0[f"{name}_pred"], r1[f"{name}_pred"], err_msg=name)  # one model
         assert int(r0[f"{name}_steps"]) == int(r1[f"{name}_steps"]) > 0, name

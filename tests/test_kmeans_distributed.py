@@ -10,7 +10,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from raymmc.cluster.base import LOCAL, MultiViewData
 from raymmc.cluster.calibration import discriminant_variance, gaussian_posterior
 from raymmc.cluster.kmeans import KMeans, soft_from_distances
-from raymmc.cluster.lloyd import NearestSearch, lloyd, sample_priority, shard_sample
+from raymmc.cluster.lloyd import NearestSearch, lloyd, shard_sample
+from raymmc.hashing import keyed_priority as sample_priority
 
 
 def blobs(n: int, k: int, d: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,15 +133,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_one_and_two_workers_give_the_same_clustering(tmp_path):
-    import socket
+    from conftest import spawn_workers
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
+    r0, r1 = spawn_workers(_worker, tmp_path)
     x, _, _ = blobs(700, 6, 12, noise=1.0, seed=5)
     for sample in (100, 10_000):
         one = KMeans(6, {**RAW, "sample": sample, "nredo": 2}, seed=3).fit(as_data(x))

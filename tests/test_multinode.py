@@ -16,20 +16,14 @@ from pathlib import Path
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
+from conftest import _free_port
+
 from raymmc.io.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
 RAYMMC = str(Path(sys.executable).with_name("raymmc"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster_pids(temp_dir: str) -> list[int]:

@@ -13,8 +13,9 @@ import torch
 
 from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
 from raymmc.cluster.calibration import discriminant_variance, gaussian_posterior
-from raymmc.cluster.lloyd import NearestSearch, item_keys, lloyd, sample_priority, shard_sample
+from raymmc.cluster.lloyd import NearestSearch, item_keys, lloyd, shard_sample
 from raymmc.cluster.seeding import Stream, derive_seed
+from raymmc.hashing import keyed_priority
 from raymmc.cluster.views import ConfiguredView, view_matrix
 
 
@@ -164,7 +165,7 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
         if n_total < k:  # the same total on every worker: all refuse together
             raise ValueError(f"k-means needs at least k={k} points, got {n_total}")
         keys = item_keys(data.ids, data.extra.get("index"), len(x))
-        sample = shard_sample(x, sample_priority(keys, derive_seed(self.seed, Stream.ITEM_SAMPLE)), c.sample, ops)
+        sample = shard_sample(x, keyed_priority(keys, derive_seed(self.seed, Stream.ITEM_SAMPLE)), c.sample, ops)
         centers = np.zeros((k, x.shape[1]), np.float32)
         if ops.rank == 0:
             centers = kmeans(sample, k, seed=derive_seed(self.seed, Stream.KMEANS), niter=c.niter, nredo=c.nredo,
@@ -199,8 +200,10 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
     def outliers(self, data: MultiViewData) -> np.ndarray:
         """(n,) the reason an item is an outlier under ``config.outliers`` ("" when it is not)."""
         o = self.config.outliers
+        out = np.full(len(data), "", dtype=object)
+        if o.distance_quantile is None and o.min_confidence is None:  # no rule: no second pass over the rows
+            return out
         sq = self._sq_dist(data)
-        out = np.full(len(sq), "", dtype=object)
         if o.distance_quantile is not None:
             far = sq.min(1) > self._fitted("distance_threshold_")
             out[far] = f"outlier: farther from its centroid than {o.distance_quantile:.0%} of the fitted items"

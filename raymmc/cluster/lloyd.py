@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from raymmc.cluster.base import GlobalOps
-from raymmc.hashing import keep_fraction, keyed_priority, under
+from raymmc.hashing import keep_fraction, under
 
 
 def item_keys(ids: np.ndarray | None, index: np.ndarray | None, n: int) -> np.ndarray:
@@ -22,12 +22,6 @@ def item_keys(ids: np.ndarray | None, index: np.ndarray | None, n: int) -> np.nd
     if index is not None:
         return np.asarray(index, dtype=np.int64)
     return np.arange(n, dtype=np.int64)
-
-
-def sample_priority(keys: np.ndarray, seed: int) -> np.ndarray:
-    """(n,) uint64: a keyed hash of each item (:func:`raymmc.hashing.keyed_priority`). An item's priority
-    depends only on its key and the seed, so the sample (the lowest priorities) is the same for any sharding."""
-    return keyed_priority(keys, seed)
 
 
 def shard_sample(x: np.ndarray, priority: np.ndarray, size: int, ops: GlobalOps) -> np.ndarray:

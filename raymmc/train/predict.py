@@ -49,7 +49,7 @@ class Predictor:
         from raymmc.train.trainer import table_to_multiview
 
         if batch.num_rows == 0:
-            return empty_assignments(batch)
+            return empty_assignments()
         data = table_to_multiview(batch, self.spec.pixel_channels)
         soft = self.model.soft_assign(data)
         cluster = soft.argmax(axis=1).astype(np.int64)
@@ -70,7 +70,7 @@ class Predictor:
         })
 
 
-def empty_assignments(batch: pa.Table | None = None) -> pa.Table:
+def empty_assignments() -> pa.Table:
     return pa.table({"id": pa.array([], pa.string()), "cluster": pa.array([], pa.int64()),
                      "confidence": pa.array([], pa.float32()), "has_image": pa.array([], pa.bool_()),
                      "has_text": pa.array([], pa.bool_()), "note": pa.array([], pa.string()),

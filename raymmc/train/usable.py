@@ -52,10 +52,6 @@ def _id_rejects(batch: pa.Table) -> pa.Table:
     return rejects.append_column("duplicate", pa.array(np.zeros(rejects.num_rows, dtype=bool)))
 
 
-def _group_rejects(group: pa.Table) -> pa.Table:
-    return id_group_rejects(group)
-
-
 def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: dict[str, int],
             duplicate_refs: list) -> pa.Table:
     dup = _duplicate_keys(tuple(duplicate_refs)) if duplicate_refs else frozenset()
@@ -98,7 +94,7 @@ def usable_rows(files: list[str], filesystem, *, modalities: frozenset[str], dec
         _annotate, batch_format="pyarrow", fn_kwargs={"modalities": modalities, "decode": decode,
                                                      "partitions": partitions}).materialize()
     bad_ids = light.filter(expr="bucket < 0").map_batches(_id_rejects, batch_format="pyarrow")
-    grouped = light.filter(expr="bucket >= 0").groupby("bucket").map_groups(_group_rejects, batch_format="pyarrow")
+    grouped = light.filter(expr="bucket >= 0").groupby("bucket").map_groups(id_group_rejects, batch_format="pyarrow")
     rejects = bad_ids.union(grouped).materialize()
     missing = int(light.sum("missing") or 0) if light.count() else 0
     rejects.select_columns(REJECT_SCHEMA.names).write_parquet(rejects_path, filesystem=rejects_filesystem)
