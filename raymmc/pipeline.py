@@ -144,6 +144,7 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             offsets[shard.uri] = total
             total += shard.rows
         fs, _ = storage.resolve(feature_dirs[0], cfg.storage) if feature_dirs else (None, None)
+        storage.delete_dir(rundir.path("rejects"), cfg.storage)  # a resumed run writes them again
         rfs, rpath = storage.resolve(rundir.path("rejects"), cfg.storage)
         if files:
             acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
@@ -193,7 +194,8 @@ def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tupl
     fs, path = storage.resolve(rundir.path("assignments"), cfg.storage)
     from raymmc.io import safestate
 
-    with ordered_execution():  # assignments in the input's order, the same on every run
+    storage.delete_dir(rundir.path("assignments"), cfg.storage)  # a resumed run writes them again
+    with ordered_execution():  # usually the input's order; readers align by id, never by position
         counts = predict_and_write(prep.dataset, spec,
                                    safestate.dumps(model.state_dict()), path, filesystem=fs,
                                    workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,

@@ -37,8 +37,10 @@ def has_gpu() -> bool:
 
 @contextlib.contextmanager
 def ordered_execution():
-    """Ray Data keeps block order inside this block (``preserve_order``): training shards and the
-    written assignments then follow the input files' order, so a seed reproduces a run exactly."""
+    """Ray Data keeps block order inside this block (``preserve_order``), as far as the datasets created
+    in it go (a dataset keeps the context it was created under): the Ray Train shards are slices of the
+    input order, so a seed reproduces a run exactly. The written assignments mostly follow that order too,
+    but an actor pool does not always keep it: readers match rows by id."""
     import ray
 
     options = ray.data.DataContext.get_current().execution_options

@@ -64,6 +64,14 @@ def spawn_workers(worker, out_dir, nprocs: int = 2) -> list:
     return [np.load(f"{out_dir}/rank{r}.npz") for r in range(nprocs)]
 
 
+def by_id(assignments: pa.Table) -> dict:
+    """``{id: cluster}`` of an assignments table, each id once (compare runs by id: the row order of the
+    files follows the prediction workers)."""
+    ids = assignments.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id was assigned twice"
+    return dict(zip(ids, assignments.column("cluster").to_pylist()))
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1, as s3fs's own tests use."""

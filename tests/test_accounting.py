@@ -1,6 +1,7 @@
 """Every row is either usable or rejected with a reason; duplicates keep the first occurrence."""
 
 import pyarrow as pa
+import pytest
 
 from raymmc.accounting import account, item_notes
 
@@ -46,9 +47,11 @@ def test_image_only_algorithms_reject_text_only_rows():
     assert acc.usable.column("id").to_pylist() == ["a", "b"]
 
 
-def test_the_distributed_pass_equals_the_in_process_account(ray_session, tmp_path):
-    """raymmc.train.usable (light columns hash-partitioned by id on Ray workers, rejects written by them) keeps
-    the same rows and rejects the same rows for the same reasons as account(), across files and partitions."""
+@pytest.mark.parametrize("rows_per_partition", [3, 1000], ids=["id-partitions", "one-task"])
+def test_the_distributed_pass_equals_the_in_process_account(ray_session, tmp_path, rows_per_partition):
+    """raymmc.train.usable (light columns hash-partitioned by id on Ray workers, or all in one task below one
+    partition's worth; rejects written by the workers) keeps the same rows and rejects the same rows for the
+    same reasons as account(), across files and partitions."""
     import pyarrow.parquet as pq
 
     import raymmc.train.usable as usable_mod
@@ -66,7 +69,7 @@ def test_the_distributed_pass_equals_the_in_process_account(ray_session, tmp_pat
     expected = account(full)
     offsets = {"f0": 0, "f1": 100, "f2": 200}
     old = usable_mod.ROWS_PER_PARTITION
-    usable_mod.ROWS_PER_PARTITION = 3  # several id partitions even on 11 rows
+    usable_mod.ROWS_PER_PARTITION = rows_per_partition  # 3: several id partitions even on 11 rows
     try:
         got = usable_rows(files, None, modalities=frozenset({"image", "text"}), decode=None, offsets=offsets,
                           n_rows=len(rows), rejects_path=str(tmp_path / "rejects"), rejects_filesystem=None)

@@ -15,7 +15,7 @@ from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from raymmc.cluster.registry import make_clusterer
 from raymmc.io import safestate
-from raymmc.train.trainer import TrainConfig, fit_ray_train, table_to_multiview
+from raymmc.train.trainer import TrainConfig, exact_shards, fit_ray_train, table_to_multiview
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +49,17 @@ def _fit(ray_session, table, workers, tmp_path, name):
     model = make_clusterer("jecl", 5, PARAMS)
     model.load_state_dict(safestate.loads(state))
     return model.predict(table_to_multiview(table)), report
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_exact_shards_cover_every_row_once_in_order(ray_session, world):
+    shards = exact_shards(ray_session.data.range(10, override_num_blocks=4), world)
+    assert sorted(shards) == [f"train_{i}" for i in range(world)]
+    parts = [[r["id"] for r in shards[f"train_{i}"].take_all()] for i in range(world)]
+    assert sum(parts, []) == list(range(10))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="cannot be split over 11 workers"):
+        exact_shards(ray_session.data.range(10), 11)
 
 
 def test_one_and_two_workers_agree(ray_session, features, tmp_path):

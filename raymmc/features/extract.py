@@ -287,6 +287,9 @@ def feature_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np
 # partly written one (a killed run) is cleared and redone.
 
 FEATURE_FORMAT = 1  # bump when the feature table layout changes
+# Per-file helper tasks spread over the nodes, as Ray Data's own tasks do; and never captured by the placement
+# group of a Tune trial that starts a run (its bundle has no room for them: "resource shape" error).
+SPREAD = "SPREAD"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"  # a text encoder fitted on the archive, beside its features
 
 
@@ -398,7 +401,7 @@ def caption_sample(shards: list[Shard], decode: DecodeConfig, size: int, seed: i
     with_captions = [s for s in shards if "caption" in s.columns and s.rows > 0]
     fraction = keep_fraction(size, sum(s.rows for s in with_captions))
     if ray.is_initialized():
-        task = ray.remote(num_cpus=cpus_per_task)(_shard_captions)
+        task = ray.remote(num_cpus=cpus_per_task, scheduling_strategy=SPREAD)(_shard_captions)
         parts = ray.get([task.remote(s, decode, seed, fraction, storage) for s in with_captions])
     else:
         parts = [_shard_captions(s, decode, seed, fraction, storage) for s in with_captions]
@@ -517,7 +520,7 @@ def feature_counts(dirs: list[str], storage: StorageOptions | None, cpus_per_tas
     import ray
 
     if ray.is_initialized():
-        task = ray.remote(num_cpus=cpus_per_task)(_dir_counts)
+        task = ray.remote(num_cpus=cpus_per_task, scheduling_strategy=SPREAD)(_dir_counts)
         parts = ray.get([task.remote(d, storage) for d in dirs])
     else:
         parts = [_dir_counts(d, storage) for d in dirs]

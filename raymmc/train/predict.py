@@ -87,6 +87,9 @@ def label_cluster_counts(batch: pa.Table) -> pa.Table:
 
 
 COUNT_KEYS = ["labeled", "label", "cluster", "node"]
+# Up to this many per-block count rows (about 50 MB on the driver) are summed there; beyond it, by a shuffle
+# on the workers (whose fixed start-up of several seconds a small run should not pay).
+DRIVER_COUNT_ROWS = 1_000_000
 
 
 @dataclass
@@ -133,13 +136,16 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
     # tasks per actor give every actor work (no shuffle: the input order stays).
     n = dataset.count()
     if dataset.num_blocks() < 8 * workers:
-        dataset = dataset.repartition(8 * workers)
+        # Materialised before the actors start: with every CPU held by a predictor, a repartition task
+        # fused upstream of them would wait forever (seen: 2 actors on a 2-CPU node hung the run).
+        dataset = dataset.repartition(8 * workers).materialize()
     rows = max(1, min(batch_rows, -(-n // (8 * workers))))
     assigned = dataset.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker))},
         batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
     ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
-    counts = assigned.map_batches(label_cluster_counts, batch_format="pyarrow").groupby(COUNT_KEYS).sum(
-        "count").take_all()
-    return aggregate_counts([{**r, "count": r["sum(count)"]} for r in counts])
+    per_block = assigned.map_batches(label_cluster_counts, batch_format="pyarrow", batch_size=None).materialize()
+    if per_block.count() > DRIVER_COUNT_ROWS:  # many blocks x clusters x labels: sum them on the workers first
+        per_block = per_block.groupby(COUNT_KEYS).sum("count").rename_columns({"sum(count)": "count"})
+    return aggregate_counts(per_block.take_all())

@@ -186,6 +186,8 @@ def exact_shards(dataset, world_size: int) -> dict:
     n = dataset.count()
     if n < world_size:
         raise ValueError(f"{n} training rows cannot be split over {world_size} workers; use fewer")
+    if world_size == 1:
+        return {"train_0": dataset.materialize()}
     parts = dataset.split_at_indices([n * i // world_size for i in range(1, world_size)])
     return {f"train_{i}": part.materialize() for i, part in enumerate(parts)}
 

@@ -66,6 +66,16 @@ def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: d
     return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index))
 
 
+def sum_per_block(dataset, column: str) -> int:
+    """The sum of a numeric / boolean column: one number per block comes to the driver (an aggregation
+    through Ray Data's shuffle costs seconds of fixed overhead)."""
+    def block_sum(batch: pa.Table) -> pa.Table:
+        return pa.table({"sum": [int(pc.sum(batch.column(column)).as_py() or 0)]})
+
+    return int(sum(r["sum"] for r in dataset.map_batches(block_sum, batch_format="pyarrow", batch_size=None)
+                   .take_all()))
+
+
 _DUPLICATES: dict[tuple, frozenset] = {}
 
 
@@ -86,19 +96,24 @@ def usable_rows(files: list[str], filesystem, *, modalities: frozenset[str], dec
     """Account for every row of the feature ``files``: write the rejects under ``rejects_path`` (from the
     workers) and return the usable rows, materialised in the object store, with counts."""
     import ray
+    from ray.data.expressions import col
 
     from raymmc.raysession import ordered_execution
 
     partitions = int(min(1024, max(1, n_rows // ROWS_PER_PARTITION)))
-    light = ray.data.read_parquet(sorted(files), filesystem=filesystem, columns=LIGHT_COLUMNS).map_batches(
+    light = ray.data.read_parquet(sorted(files), filesystem=filesystem).select_columns(LIGHT_COLUMNS).map_batches(
         _annotate, batch_format="pyarrow", fn_kwargs={"modalities": modalities, "decode": decode,
                                                      "partitions": partitions}).materialize()
-    bad_ids = light.filter(expr="bucket < 0").map_batches(_id_rejects, batch_format="pyarrow")
-    grouped = light.filter(expr="bucket >= 0").groupby("bucket").map_groups(id_group_rejects, batch_format="pyarrow")
+    bad_ids = light.filter(expr=col("bucket") < 0).map_batches(_id_rejects, batch_format="pyarrow")
+    with_id = light.filter(expr=col("bucket") >= 0)
+    if partitions == 1:  # every id in one task: no shuffle (its actors take seconds to start on any size)
+        grouped = with_id.repartition(1).map_batches(id_group_rejects, batch_format="pyarrow", batch_size=None)
+    else:
+        grouped = with_id.groupby("bucket").map_groups(id_group_rejects, batch_format="pyarrow")
     rejects = bad_ids.union(grouped).materialize()
-    missing = int(light.sum("missing") or 0) if light.count() else 0
+    missing = sum_per_block(light, "missing")
     rejects.select_columns(REJECT_SCHEMA.names).write_parquet(rejects_path, filesystem=rejects_filesystem)
-    duplicates = rejects.filter(expr="duplicate").select_columns(["source", "row"]).materialize()
+    duplicates = rejects.filter(expr=col("duplicate") == True)  # noqa: E712 (an expression).select_columns(["source", "row"]).materialize()
     n_dup = duplicates.count()
     refs = duplicates.to_arrow_refs() if n_dup else []
     with ordered_execution():  # input order: the Ray Train shards are slices of it
