@@ -104,6 +104,13 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory) -> str:
+    """One feature cache for the runs of the whole session that do not test the cache itself: a run whose
+    extraction config another run already used reads its features instead of extracting them again."""
+    return str(tmp_path_factory.mktemp("feature-cache"))
+
+
+@pytest.fixture(scope="session")
 def tux_items(cache_dir):
     from raymmc import datasets
 

@@ -15,10 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fitted_run(ray_session, bad_archive, tmp_path_factory):
+def fitted_run(ray_session, bad_archive, feature_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(values={"input": bad_archive["uri"], "output": str(out), "run_name": "base",
-                              "cluster": {"clusters": 3}, "extract": {"text": {"model": "tfidf"}}})
+                              "cluster": {"clusters": 3},
+                              "extract": {"text": {"model": "tfidf"}, "cache": feature_cache}})
     return run(cfg, log=lambda _: None)
 
 

@@ -39,9 +39,9 @@ def check_accounting(rundir: RunDir, archive: dict) -> tuple[pa.Table, pa.Table]
     return assignments, rejects
 
 
-def test_run_local_with_bad_input(ray_session, bad_archive, tmp_path):
+def test_run_local_with_bad_input(ray_session, bad_archive, feature_cache, tmp_path):
     cfg = load_config(values={"input": bad_archive["uri"], "output": str(tmp_path), "run_name": "r1",
-                              "cluster": {"clusters": 3}})
+                              "cluster": {"clusters": 3}, "extract": {"cache": feature_cache}})
     result = run(cfg)
     rundir = RunDir(result.run_uri)
     assignments, rejects = check_accounting(rundir, bad_archive)
@@ -90,7 +90,7 @@ def test_cli_reports_config_errors(capsys):
     assert "unknown config key" in capsys.readouterr().err
 
 
-def test_kmeans_on_two_workers_matches_one_and_repeats_exactly(ray_session, bad_archive, tmp_path):
+def test_kmeans_on_two_workers_matches_one_and_repeats_exactly(ray_session, bad_archive, feature_cache, tmp_path):
     """`--workers 2`: distributed Lloyd k-means under Ray Train, prediction and assignment files written by Ray
     Data workers, metrics from aggregated counts. Same seed: the 1-worker clustering, and identical on a rerun."""
     from sklearn.metrics import normalized_mutual_info_score
@@ -100,7 +100,8 @@ def test_kmeans_on_two_workers_matches_one_and_repeats_exactly(ray_session, bad_
 
     def clusters(name: str, workers: int) -> dict:
         code = main(["run", "--input", bad_archive["uri"], "--output", str(tmp_path), "--run-name", name,
-                     "--clusters", "3", "--workers", str(workers), "--set", "report=false"])
+                     "--clusters", "3", "--workers", str(workers), "--set", "report=false",
+                     "--set", f"extract.cache={feature_cache}"])
         assert code == 0
         rundir = RunDir(str(tmp_path / name))
         check_accounting(rundir, bad_archive)

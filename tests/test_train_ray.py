@@ -108,7 +108,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
     assert nmi(y, result["labels"]) > 0.9
 
 
-def test_interrupted_run_resumes(ray_session, bad_archive, tmp_path):
+def test_interrupted_run_resumes(ray_session, bad_archive, feature_cache, tmp_path):
     """`raymmc run` killed during training; `raymmc run --resume RUN` continues from the checkpoint."""
     import json
     import sys
@@ -120,7 +120,7 @@ def test_interrupted_run_resumes(ray_session, bad_archive, tmp_path):
     sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf", "ray.num_cpus=2",
             "cluster.params.jecl.cluster.max_iter=600", "cluster.params.jecl.cluster.checkpoint_every=1",
             "cluster.params.jecl.image_ae.epochs=20", "cluster.params.jecl.text_ae.epochs=20",
-            "cluster.params.jecl.cluster.tol=0", "report=false"]
+            "cluster.params.jecl.cluster.tol=0", "report=false", f"extract.cache={feature_cache}"]
     cmd = [sys.executable, "-m", "raymmc.cli", "run", "--input", bad_archive["uri"], "--output", str(tmp_path),
            "--run-name", "r"] + [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
