@@ -5,7 +5,6 @@ The first version crashed on every archive without a ``label`` column (Ray Data 
 floats between stages); these tests keep that class of bug from coming back."""
 
 import io
-import itertools
 import tempfile
 
 import pyarrow as pa
@@ -43,7 +42,12 @@ def _write(path, ids, images=None, captions=None, labels=None) -> None:
     pq.write_table(pa.table(cols), path)
 
 
-@pytest.mark.parametrize("content,labelled", list(itertools.product(CONTENT, (True, False))),
+# Each content without a label column (the crash class above), and the full contract once; the property test
+# below mixes the rest (labelled and unlabelled files of every content in one archive).
+COMBINATIONS = [(content, False) for content in CONTENT] + [(CONTENT[0], True)]
+
+
+@pytest.mark.parametrize("content,labelled", COMBINATIONS,
                          ids=lambda v: "+".join(v) if isinstance(v, tuple) else ("label" if v else "no-label"))
 def test_every_optional_column_combination(ray_session, tmp_path, content, labelled):
     n = 12

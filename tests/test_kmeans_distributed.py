@@ -96,6 +96,11 @@ def test_outlier_rules_mark_far_and_ambiguous_items():
     marks = km.outliers(as_data(x))
     assert marks[-1].startswith("outlier: farther") and (marks != "").mean() < 0.05
     assert (KMeans(3, RAW, seed=0).fit(as_data(x)).outliers(as_data(x)) == "").all()  # off by default
+    both = KMeans(3, {"view": "image", "outliers": {"distance_quantile": 0.99, "min_confidence": 0.9}},
+                  seed=0).fit(as_data(x))
+    soft, why = both.assign(as_data(x))  # the prediction workers' one pass equals the two separate calls
+    np.testing.assert_array_equal(soft, both.soft_assign(as_data(x)))
+    np.testing.assert_array_equal(why, both.outliers(as_data(x)))
 
 
 def test_state_round_trip_keeps_the_calibration():

@@ -167,6 +167,11 @@ class Clusterer:
         algorithms with an outlier rule (k-means' ``outliers`` config) mark any."""
         return np.full(len(data), "", dtype=object)
 
+    def assign(self, data: MultiViewData) -> tuple[np.ndarray, np.ndarray]:
+        """``(soft_assign(data), outliers(data))`` for the prediction workers; an algorithm whose two share a
+        pass over the rows (k-means: the distances) overrides it to make that pass once."""
+        return self.soft_assign(data), self.outliers(data)
+
     def fit_predict(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> np.ndarray:
         return self.fit(data, ops).predict(data)
 

@@ -200,17 +200,22 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
     def outliers(self, data: MultiViewData) -> np.ndarray:
         """(n,) the reason an item is an outlier under ``config.outliers`` ("" when it is not)."""
         o = self.config.outliers
+        if o.distance_quantile is None and o.min_confidence is None:  # no rule: no pass over the rows
+            return np.full(len(data), "", dtype=object)
+        return self.assign(data)[1]
+
+    def assign(self, data: MultiViewData) -> tuple[np.ndarray, np.ndarray]:
+        sq = self._sq_dist(data)  # once for both
+        soft = gaussian_posterior(sq, self._fitted("variance_"))
+        o = self.config.outliers
         out = np.full(len(data), "", dtype=object)
-        if o.distance_quantile is None and o.min_confidence is None:  # no rule: no second pass over the rows
-            return out
-        sq = self._sq_dist(data)
         if o.distance_quantile is not None:
             far = sq.min(1) > self._fitted("distance_threshold_")
             out[far] = f"outlier: farther from its centroid than {o.distance_quantile:.0%} of the fitted items"
         if o.min_confidence is not None:
-            low = (gaussian_posterior(sq, self._fitted("variance_")).max(1) < o.min_confidence) & (out == "")
+            low = (soft.max(1) < o.min_confidence) & (out == "")
             out[low] = f"outlier: confidence below {o.min_confidence}"
-        return out
+        return soft, out
 
     def embed(self, data: MultiViewData) -> np.ndarray:
         self.check_usable(data)

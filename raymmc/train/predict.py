@@ -51,9 +51,8 @@ class Predictor:
         if batch.num_rows == 0:
             return empty_assignments()
         data = table_to_multiview(batch, self.spec.pixel_channels)
-        soft = self.model.soft_assign(data)
+        soft, outlier = self.model.assign(data)
         cluster = soft.argmax(axis=1).astype(np.int64)
-        outlier = self.model.outliers(data)
         notes = item_notes(batch)
         marked = outlier != ""
         cluster[marked] = OUTLIER

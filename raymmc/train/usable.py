@@ -66,14 +66,15 @@ def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: d
     return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index))
 
 
-def sum_per_block(dataset, column: str) -> int:
-    """The sum of a numeric / boolean column: one number per block comes to the driver (an aggregation
-    through Ray Data's shuffle costs seconds of fixed overhead)."""
-    def block_sum(batch: pa.Table) -> pa.Table:
-        return pa.table({"sum": [int(pc.sum(batch.column(column)).as_py() or 0)]})
+def reject_counts(rejects) -> tuple[int, int]:
+    """(duplicates, rows without an id) among the rejects: two numbers per block come to the driver (an
+    aggregation through Ray Data's shuffle costs seconds of fixed overhead)."""
+    def block_counts(batch: pa.Table) -> pa.Table:
+        missing = pc.sum(pc.equal(batch.column("reason"), "missing id")).as_py() or 0
+        return pa.table({"duplicates": [int(pc.sum(batch.column("duplicate")).as_py() or 0)], "missing": [missing]})
 
-    return int(sum(r["sum"] for r in dataset.map_batches(block_sum, batch_format="pyarrow", batch_size=None)
-                   .take_all()))
+    rows = rejects.map_batches(block_counts, batch_format="pyarrow", batch_size=None).take_all()
+    return sum(int(r["duplicates"]) for r in rows), sum(int(r["missing"]) for r in rows)
 
 
 _DUPLICATES: dict[tuple, frozenset] = {}
@@ -111,11 +112,11 @@ def usable_rows(files: list[str], filesystem, *, modalities: frozenset[str], dec
     else:
         grouped = with_id.groupby("bucket").map_groups(id_group_rejects, batch_format="pyarrow")
     rejects = bad_ids.union(grouped).materialize()
-    missing = sum_per_block(light, "missing")
     rejects.select_columns(REJECT_SCHEMA.names).write_parquet(rejects_path, filesystem=rejects_filesystem)
-    duplicates = rejects.filter(expr=col("duplicate") == True)  # noqa: E712 (an expression).select_columns(["source", "row"]).materialize()
-    n_dup = duplicates.count()
-    refs = duplicates.to_arrow_refs() if n_dup else []
+    n_dup, missing = reject_counts(rejects)
+    refs = []
+    if n_dup:  # the duplicates' (source, row) keys, for the readers below to leave out
+        refs = rejects.filter(expr=col("duplicate")).select_columns(["source", "row"]).materialize().to_arrow_refs()
     with ordered_execution():  # input order: the Ray Train shards are slices of it
         ds = ray.data.read_parquet(sorted(files), filesystem=filesystem).map_batches(
             _select, batch_format="pyarrow", fn_kwargs={"modalities": modalities, "decode": decode,
