@@ -146,6 +146,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(str(exc)) from exc
     if cfg.cluster.train.workers < 1:
         raise ConfigError("cluster.train.workers (--workers) must be at least 1")
+    if cfg.cluster.train.local_max_items < 0:
+        raise ConfigError("cluster.train.local_max_items must be at least 0")
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

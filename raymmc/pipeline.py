@@ -295,7 +295,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     from raymmc.train.trainer import fit_ray_train, use_ray_train
 
     c = cfg.cluster
-    if not use_ray_train(c.train, c.algorithm):
+    if not use_ray_train(c.train, c.algorithm, prep.usable):
         return make_model(cfg).fit(usable_features(prep, cfg)), {}
     storage_path = c.train.storage_path or rundir.path("train")
     if not storage.is_remote(storage_path):

@@ -73,7 +73,10 @@ def test_a_run_uses_both_nodes_and_matches_a_single_node_run(two_nodes, bad_arch
     # one feature cache: the single-node run clusters the features the two-node run extracted
     common = ["--input", bad_archive["uri"], "--clusters", "3", "--set", "report=false",
               "--set", "extract.text.model=tfidf", "--set", f"extract.cache={tmp_path / 'cache'}"]
-    env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["address"], "RAYMMC_PROGRESS": "0"}
+    # Ray Data hands blocks to the actors that are ready: without waiting for both encoder actors to load their
+    # model, a fast first one could take every block of this small archive (seen once in four suite runs).
+    env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["address"], "RAYMMC_PROGRESS": "0",
+           "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
     _run([*common, "--output", str(tmp_path / "multi"), "--run-name", "r", "--workers", "2",
           "--set", "cluster.train.cpus_per_worker=2", "--set", "extract.min_actors=2",
           "--set", "extract.cpus_per_actor=2",

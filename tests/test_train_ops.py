@@ -45,3 +45,16 @@ def test_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="process group"):
         TorchDistributedOps()
+
+
+def test_auto_mode_keeps_large_archives_off_the_driver():
+    from raymmc.train.trainer import TrainConfig, use_ray_train
+
+    auto = TrainConfig(local_max_items=1000)
+    assert not use_ray_train(auto, "kmeans", 1000)  # small: k-means in the driver, no Ray Train start-up
+    assert use_ray_train(auto, "kmeans", 1001)  # larger: a Ray Train worker reads the rows, the driver never does
+    assert use_ray_train(TrainConfig(workers=2, local_max_items=1000), "kmeans", 10)
+    assert use_ray_train(auto, "jecl", 10)  # the deep algorithms always
+    assert not use_ray_train(TrainConfig(mode="local", local_max_items=1000), "kmeans", 10**9)  # asked for
+    with pytest.raises(ValueError, match="auto, ray or local"):
+        use_ray_train(TrainConfig(mode="fast"), "kmeans", 10)
