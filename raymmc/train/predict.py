@@ -132,7 +132,7 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
     ref = ray.put(state)
     # A small archive would go to one actor: map_batches bundles blocks up to batch_size rows per task, and
     # Ray Data sends tasks to the actor beside their blocks until it has 4 in flight. At least 8 blocks and
-    # tasks per actor give every actor work (no shuffle: the input order stays).
+    # tasks per actor give every actor work (a split, not a shuffle).
     n = dataset.count()
     if dataset.num_blocks() < 8 * workers:
         # Materialised before the actors start: with every CPU held by a predictor, a repartition task
