@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from conftest import _free_port
+from conftest import _free_port, by_id
 
 from raymmc.io.rundir import RunDir
 
@@ -97,8 +97,8 @@ def test_a_run_uses_both_nodes_and_matches_a_single_node_run(two_nodes, bad_arch
     counts = manifest["counts"]
     assert counts["read"] == counts["assigned"] + counts["rejected"] == bad_archive["n_rows"]
 
-    one = {r["id"]: r["cluster"] for r in RunDir(str(tmp_path / "single" / "r")).read_table("assignments").to_pylist()}
-    two = {r["id"]: r["cluster"] for r in multi.read_table("assignments").to_pylist()}
+    one = by_id(RunDir(str(tmp_path / "single" / "r")).read_table("assignments"))
+    two = by_id(multi.read_table("assignments"))
     assert sorted(one) == sorted(two)
     ids = sorted(one)
     assert normalized_mutual_info_score([one[i] for i in ids], [two[i] for i in ids]) >= 0.99

@@ -6,6 +6,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import by_id
 
 from raymmc.cli import main
 from raymmc.config import load_config
@@ -107,7 +108,7 @@ def test_kmeans_on_two_workers_matches_one_and_repeats_exactly(ray_session, bad_
         assert code == 0
         rundir = RunDir(str(tmp_path / name))
         check_accounting(rundir, bad_archive)
-        return {r["id"]: r["cluster"] for r in rundir.read_table("assignments").to_pylist()}
+        return by_id(rundir.read_table("assignments"))
 
     one, two, again = clusters("w1", 1), clusters("w2", 2), clusters("w2-again", 2)
     manifest = RunDir(str(tmp_path / "w2")).read_json("manifest.json")
