@@ -74,6 +74,22 @@ class RayConfig:
 
 
 @dataclass
+class SummaryConfig:
+    """What a run keeps of each cluster for the report and clusters.parquet: bounded, whatever the archive."""
+
+    map_points: int = 3000  # the report map's uniform sample; t-SNE of 3,000 points takes a few s on one core
+    top_images: int = 12  # most confident images shown per cluster (three rows of a report card)
+    # Most confident items kept per cluster, with and without an image each: 4x the images shown, because text
+    # lists show distinct captions and repeated captions must not leave them short.
+    candidates: int = 48
+    top_terms: int = 8  # c-TF-IDF terms shown per cluster and written to clusters.parquet
+    # Distinct caption terms kept per cluster (its most frequent): c-TF-IDF is exact while no cluster has more,
+    # and 10k terms x K clusters stays a few MB on the driver.
+    max_terms: int = 10_000
+    representatives: int = 10  # most confident ids per cluster in clusters.parquet
+
+
+@dataclass
 class RunConfig:
     input: str | None = None  # None: build and use the demo data set
     output: str = "runs"  # a run directory is created under this URI
@@ -84,7 +100,8 @@ class RunConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    report: bool = True
+    report: bool = True  # report/index.html (clusters.parquet is written either way)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +165,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("cluster.train.workers (--workers) must be at least 1")
     if cfg.cluster.train.local_max_items < 0:
         raise ConfigError("cluster.train.local_max_items must be at least 0")
+    sm = cfg.summary
+    if sm.map_points < 0 or sm.top_images < 0 or sm.top_terms < 0 or sm.representatives < 0:
+        raise ConfigError("summary: map_points, top_images, top_terms and representatives must be >= 0")
+    if sm.candidates < max(sm.top_images, sm.representatives, 1) or sm.max_terms < max(sm.top_terms, 1):
+        raise ConfigError("summary: need candidates >= top_images, representatives and max_terms >= top_terms")
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

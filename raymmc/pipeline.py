@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
@@ -164,8 +163,8 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
 
 
 def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
-    """The usable rows on the driver, in input order: only for what still runs there (an in-process fit,
-    the HTML report). Everything else reads ``prep.dataset`` on the workers."""
+    """The usable rows on the driver, in input order: only for an in-process fit (at most
+    ``cluster.train.local_max_items`` rows). Everything else reads ``prep.dataset`` on the workers."""
     import ray
 
     ds = prep.dataset if columns is None else prep.dataset.select_columns(columns)
@@ -177,37 +176,54 @@ def usable_features(prep: Prepared, cfg: RunConfig) -> MultiViewData:
     return table_to_multiview(driver_table(prep), cfg.extract.pixels.channels)
 
 
-def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tuple[dict, list[str]]:
-    """assignments/ (written by the prediction workers) and metrics.json (from the aggregated label x
-    cluster counts); the driver never holds a per-item array here. Returns the metrics and the Ray nodes
-    the prediction ran on."""
-    from raymmc.raysession import ordered_execution
+def summary_limits(cfg: RunConfig):
+    from raymmc.report.summary import SummaryLimits
+
+    sm = cfg.summary
+    return SummaryLimits(candidates=sm.candidates, max_terms=sm.max_terms,
+                         map_points=sm.map_points if cfg.report else 0, seed=cfg.seed)
+
+
+def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tuple[dict, list[str], object]:
+    """assignments/ (written by the prediction workers), and metrics.json (from the label x cluster counts)
+    and clusters.parquet, both from the bounded summary the prediction batches carry; the driver never holds
+    a per-item array here. Returns the metrics, the Ray nodes the prediction ran on, and the summary (for the
+    report; None when nothing was assigned)."""
+    import functools
+
+    from raymmc.report.summary import block_summary, clusters_table, summarize_dataset
     from raymmc.train.predict import OUTLIER, ModelSpec, predict_and_write
 
     if prep.usable == 0:
         rundir.write_table("assignments", empty_assignments_table())
         metrics: dict = {"n_assigned": 0, "cluster_sizes": {}}
         rundir.write_json("metrics.json", metrics)
-        return metrics, []
+        return metrics, [], None
     spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
                      cfg.extract.pixels.channels)
     fs, path = storage.resolve(rundir.path("assignments"), cfg.storage)
     from raymmc.io import safestate
 
+    limits = summary_limits(cfg)
     storage.delete_dir(rundir.path("assignments"), cfg.storage)  # a resumed run writes them again
-    with ordered_execution():  # usually the input's order; readers align by id, never by position
-        counts = predict_and_write(prep.dataset, spec,
-                                   safestate.dumps(model.state_dict()), path, filesystem=fs,
-                                   workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
-                                   batch_rows=cfg.cluster.train.read_batch_rows)
-    metrics = {"n_assigned": counts.n, "cluster_sizes": counts.sizes}
-    if OUTLIER in counts.sizes:
-        metrics["n_outliers"] = counts.sizes[OUTLIER]
-    if counts.table.sum() > 0:
-        metrics.update(evaluate_contingency(counts.table))
-        metrics["n_labeled"] = int(counts.table.sum())
+    predicted = predict_and_write(prep.dataset, spec, safestate.dumps(model.state_dict()), path, filesystem=fs,
+                               workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
+                               batch_rows=cfg.cluster.train.read_batch_rows,
+                               summarize=functools.partial(block_summary, limits=limits),
+                               map_points=limits.map_points, seed=cfg.seed)
+    summary = summarize_dataset(predicted, limits)
+    rundir.write_parquet("clusters.parquet", clusters_table(summary, n_terms=cfg.summary.top_terms,
+                                                            n_ids=cfg.summary.representatives))
+    _, clusters, table, unlabeled = summary.contingency()
+    sizes = {c: int(k) for c, k in zip(clusters, table.sum(axis=0) + unlabeled)}
+    metrics = {"n_assigned": summary.n, "cluster_sizes": sizes}
+    if OUTLIER in sizes:
+        metrics["n_outliers"] = sizes[OUTLIER]
+    if table.sum() > 0:
+        metrics.update(evaluate_contingency(table))
+        metrics["n_labeled"] = int(table.sum())
     rundir.write_json("metrics.json", metrics)
-    return metrics, counts.nodes
+    return metrics, summary.nodes, summary
 
 
 def empty_assignments_table() -> pa.Table:
@@ -216,17 +232,13 @@ def empty_assignments_table() -> pa.Table:
     return empty_assignments().select(ASSIGNMENT_COLUMNS)
 
 
-def write_report(rundir: RunDir, cfg: RunConfig, prep: Prepared, metrics: dict, embedding: np.ndarray,
-                 title: str) -> str:
+def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str) -> str:
+    """report/: from the run's bounded summary; the images of the shown items are read from their shards."""
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
-    items = driver_table(prep, ["id", "caption", "label", "source", "row", "index"])
-    written = rundir.read_table("assignments")
-    # row-aligned with the items by id (the workers wrote them in input order; this does not rely on it)
-    assignments = written.take(pc.index_in(items.column("id"), value_set=written.column("id")))
-    return render(rundir, assignments, items, embedding, metrics=metrics, title=title, seed=cfg.seed,
-                  image_loader=lambda pairs: load_images(pairs, cfg.storage))
+    return render(rundir, summary, metrics=metrics, title=title, top_images=cfg.summary.top_images,
+                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage))
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
@@ -345,12 +357,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
         model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming)
     save_model(rundir, model)
     with timer("predict"):
-        metrics, predict_nodes = write_results(rundir, cfg, prep, model)
+        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, model)
     extra["nodes"] = {"extract": prep.stats.nodes, "cluster": train_nodes(extra["train"]), "predict": predict_nodes}
-    if cfg.report:
+    if cfg.report and summary is not None:
         with timer("report"):
-            # Still on the driver: the report reads every usable item's features (bounded samples: issue 12).
-            report = write_report(rundir, cfg, prep, metrics, model.embed(usable_features(prep, cfg)),
+            report = write_report(rundir, cfg, summary, metrics,
                                   title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
         log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)
@@ -409,7 +420,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):
-        metrics, predict_nodes = write_results(rundir, cfg, prep, load_model(source, cfg))
+        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model(source, cfg))
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run,
                               nodes={"extract": prep.stats.nodes, "predict": predict_nodes})
     return RunResult(rundir.uri, metrics, manifest)

@@ -18,10 +18,22 @@ from PIL import Image
 
 from raymmc.io.rundir import RunDir
 from raymmc.report.embedding_map import embedding_map
-from raymmc.report.html import _distinct_texts, write_report
+from raymmc.report.html import _distinct_texts
+from raymmc.report.html import write_report as render
 from raymmc.report.images import load_images, thumbnail
 from raymmc.report.metrics import evaluate
-from raymmc.report.terms import ctfidf, top_terms
+from raymmc.report.summary import (Example, ReportSummary, SummaryLimits, clusters_table, join_items, merge,
+                                   summarize, summarize_block)
+from raymmc.report.terms import analyzer, ctfidf, top_terms, top_terms_from_counts
+from raymmc.train.sample import MapSample, sample_mask, with_sample
+
+LIMITS = SummaryLimits(candidates=48, max_terms=10_000, map_points=3000, seed=0)
+
+
+def write_report(rundir, assignments, items, embedding, *, top_images=12, map_points=3000, **kwargs):
+    """The report of row-aligned per-item tables, through the same bounded summary a run merges."""
+    limits = SummaryLimits(candidates=48, max_terms=10_000, map_points=map_points, seed=0)
+    return render(rundir, summarize(assignments, items, embedding, limits), top_images=top_images, **kwargs)
 
 CLASSES = ("animals", "food", "town")
 
@@ -197,7 +209,7 @@ def tux_run(tux_items, tmp_path_factory):
         return load_images(pairs)
 
     uri = write_report(rundir, assignments, items, embedding, metrics=metrics, image_loader=loader,
-                       title="tuxpaint <test> report", top_images=12, seed=0)
+                       title="tuxpaint <test> report", top_images=12)
     return {"rundir": rundir, "uri": uri, "cluster": cluster, "has_image": has_image, "captions": captions,
             "lab": lab, "assignments": assignments, "items": items, "embedding": embedding, "calls": calls}
 
@@ -262,7 +274,7 @@ def test_report_without_labels_or_images(tux_run, tmp_path):
     embedding[7] = np.nan  # a broken feature row must not cost the run its report
     rundir = RunDir(str(tmp_path / "run")).create()
     write_report(rundir, a, items, embedding, metrics={"n_assigned": 60}, image_loader=load_images,
-                 title="an unlabelled $5 archive", top_images=5, seed=0)  # "$": no matplotlib mathtext
+                 title="an unlabelled $5 archive", top_images=5)  # "$": no matplotlib mathtext
     p = _parse(rundir.read_bytes("report/index.html").decode())
     text = " ".join(p.text).lower()
     assert "purity" not in text and "majority" not in text and "labels" not in text
@@ -288,9 +300,129 @@ def test_report_without_labels_or_images(tux_run, tmp_path):
 
 def test_text_lists_collapse_repeated_captions():
     caps = ["A flower.", "a  flower.", "Red rose.", "A flower.", "Tulip."]
-    got = _distinct_texts([0, 1, 2, 3, 4], 2, caps, [str(i) for i in range(5)], np.ones(5), [""] * 5)
+    got = _distinct_texts([Example(str(i), 1.0, c, "f", i, "", False, True) for i, c in enumerate(caps)], 2)
     assert [(c, k) for c, _, k in got] == [("A flower.", 3), ("Red rose.", 1)]
     assert "id: 0" in got[0][1]
+
+
+# --- the bounded summary (what the prediction workers build and merge) ---------------------------
+
+WORDS = "rose tulip daisy harbour boat sail castle tower bridge apple pear the of and".split()
+
+
+def _synthetic(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [f"item-{i:05d}" for i in range(n)]
+    cluster = rng.integers(0, 5, size=n)
+    has_image = rng.random(n) > 0.3
+    captions = [" ".join(rng.choice(WORDS, size=rng.integers(0, 6))) for _ in range(n)]
+    labels = [None if rng.random() < 0.2 else f"class-{int(c + rng.integers(0, 2)) % 5}" for c in cluster]
+    assignments = pa.table({"id": ids, "cluster": cluster, "confidence": rng.random(n).astype(np.float32),
+                            "has_image": has_image, "has_text": [bool(c) for c in captions],
+                            "note": ["" if h else "image: missing" for h in has_image]})
+    items = pa.table({"caption": captions, "label": pa.array(labels, pa.string()), "source": ["s.parquet"] * n,
+                      "row": np.arange(n)})
+    return assignments, items, rng.normal(size=(n, 6)).astype(np.float32)
+
+
+def _blocks(a, items, emb, limits, seed):
+    """The summary as the workers build it: random block sizes, each summarised alone (the embedding of
+    the sampled rows only), merged in a random order after a JSON round trip."""
+    table = join_items(a, items)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(emb)), size=7, replace=False))
+    parts = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(emb)]):
+        block = table.slice(lo, hi - lo)
+        keys, mask = sample_mask(block.column("id").to_pylist(), MapSample(limits.map_points, limits.seed, len(emb)))
+        parts.append(summarize_block(with_sample(block, keys, mask, emb[lo:hi][mask]), limits).to_json())
+    out = ReportSummary(limits)
+    for i in rng.permutation(len(parts)):
+        out = merge(out, ReportSummary.from_json(parts[i]))
+    return out
+
+
+def _comparable(summary: ReportSummary) -> dict:
+    return {c: (s.n, s.n_image, s.n_text, round(s.confidence_sum, 3), s.labels, s.terms, s.words,
+                [e.id for e in s.with_image], [e.id for e in s.without_image])
+            for c, s in summary.clusters.items()} | {"sample": [(p.key, p.cluster) for p in summary.sample]}
+
+
+def test_summary_is_the_same_whatever_the_blocks():
+    a, items, emb = _synthetic(600)
+    limits = SummaryLimits(candidates=10, max_terms=10_000, map_points=100, seed=3)
+    whole = summarize(a, items, emb, limits)
+    assert _comparable(_blocks(a, items, emb, limits, 1)) == _comparable(whole)
+    assert _comparable(_blocks(a, items, emb, limits, 2)) == _comparable(whole)
+    clusters = np.asarray(a.column("cluster"))
+    conf = np.asarray(a.column("confidence"))
+    has_image = np.asarray(a.column("has_image"))
+    for c, s in whole.clusters.items():
+        members = np.flatnonzero((clusters == c) & has_image)
+        best = members[np.lexsort((members, -conf[members]))][:10]
+        assert [e.id for e in s.with_image] == [f"item-{i:05d}" for i in best]  # ids sort like rows here
+        assert s.n == int((clusters == c).sum()) and s.n_image == int(((clusters == c) & has_image).sum())
+    # The map: exactly the bottom map_points keys of all ids, each with its own cluster and vector.
+    keys, _ = sample_mask(a.column("id").to_pylist(), MapSample(100, 3, 600))
+    bottom = np.argsort(keys)[:100]
+    assert [p.key for p in whole.sample] == sorted(int(k) for k in keys[bottom])
+    row = {int(k): i for i, k in enumerate(keys)}
+    for p in whole.sample[:5]:
+        assert p.cluster == clusters[row[p.key]] and np.allclose(p.vector, emb[row[p.key]])
+    # The label x cluster counts the metrics come from.
+    labels = items.column("label").to_pylist()
+    names, ids, table, unlabeled = whole.contingency()
+    for i, v in enumerate(names):
+        for j, c in enumerate(ids):
+            assert table[i, j] == sum(1 for lab, k in zip(labels, clusters) if lab == v and k == c)
+    assert unlabeled.tolist() == [sum(1 for lab, k in zip(labels, clusters) if lab is None and k == c) for c in ids]
+    # Another seed draws another sample.
+    other = summarize(a, items, emb, SummaryLimits(candidates=10, max_terms=10_000, map_points=100, seed=4))
+    assert {p.key for p in other.sample} != {p.key for p in whole.sample}
+
+
+def test_summary_terms_equal_ctfidf_of_the_joined_captions_and_cap_keeps_the_most_frequent():
+    a, items, emb = _synthetic(300, seed=5)
+    whole = summarize(a, items, emb, LIMITS)
+    caps, clusters = items.column("caption").to_pylist(), np.asarray(a.column("cluster"))
+    order = sorted(whole.clusters)
+    docs = [" ".join(caps[i] for i in np.flatnonzero(clusters == c)) for c in order]
+    counts = [whole.clusters[c].terms for c in order]
+    assert top_terms_from_counts(counts, [whole.clusters[c].words for c in order], n=5) == top_terms(docs, n=5)
+    assert counts[0] == dict(Counter(analyzer()(docs[0])))  # stop words ("the", "of", "and") not counted
+    capped = summarize(a, items, emb, SummaryLimits(candidates=48, max_terms=3, map_points=0, seed=0))
+    for c in order:
+        full, kept = whole.clusters[c].terms, capped.clusters[c].terms
+        assert len(kept) == 3 and capped.clusters[c].words == whole.clusters[c].words
+        assert min(kept.values()) >= sorted(full.values(), reverse=True)[2]
+    assert capped.sample == []  # map_points 0: no embeddings asked for
+
+
+def test_clusters_table():
+    a, items, emb = _synthetic(400, seed=7)
+    table = clusters_table(summarize(a, items, emb, LIMITS), n_terms=4, n_ids=3)
+    clusters, conf = np.asarray(a.column("cluster")), np.asarray(a.column("confidence"))
+    sizes = Counter(clusters.tolist())
+    assert table.column("cluster").to_pylist() == sorted(sizes, key=lambda c: (-sizes[c], c))
+    assert table.column("size").to_pylist() == [sizes[c] for c in table.column("cluster").to_pylist()]
+    labels = items.column("label").to_pylist()
+    for row in table.to_pylist():
+        members = np.flatnonzero(clusters == row["cluster"])
+        assert row["mean_confidence"] == pytest.approx(float(conf[members].mean()), rel=1e-5)
+        best = members[np.lexsort((members, -conf[members]))][:3]
+        assert row["representative_ids"] == [f"item-{i:05d}" for i in best]
+        counted = Counter(labels[i] for i in members if labels[i] is not None)
+        top, k = min(counted.items(), key=lambda kv: (-kv[1], kv[0]))
+        assert row["majority_label"] == top and row["purity"] == pytest.approx(k / sum(counted.values()))
+        assert 0 < len(row["top_terms"]) <= 4
+
+
+def test_report_map_is_a_bounded_sample(tux_run, tmp_path):
+    rundir = RunDir(str(tmp_path / "run")).create()
+    write_report(rundir, tux_run["assignments"], tux_run["items"], tux_run["embedding"], metrics={},
+                 image_loader=None, title="t", top_images=4, map_points=25)
+    page = rundir.read_bytes("report/index.html").decode()
+    assert "a uniform sample (keyed hash of the id) of 25 of 60 items" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

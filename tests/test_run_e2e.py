@@ -70,6 +70,18 @@ def test_run_local_with_bad_input(ray_session, bad_archive, feature_cache, tmp_p
         assert f'data-cluster="{c}" data-size="{size}"' in page
     assert page.count("data:image/") >= 10 and "http://" not in page and "https://" not in page
     assert rundir.read_bytes("report/summary.png").startswith(b"\x89PNG")
+    # clusters.parquet, from the same bounded summary the workers merged: one row per cluster.
+    clusters = pq.read_table(rundir.path("clusters.parquet")).to_pylist()
+    assert {c["cluster"]: c["size"] for c in clusters} == {int(c): n for c, n in metrics["cluster_sizes"].items()}
+    assigned = {r["id"]: r for r in assignments.to_pylist()}
+    for c in clusters:
+        reps = [assigned[i] for i in c["representative_ids"]]
+        assert reps and all(r["cluster"] == c["cluster"] for r in reps)
+        assert [r["confidence"] for r in reps] == sorted((r["confidence"] for r in reps), reverse=True)
+        members = [r["confidence"] for r in assigned.values() if r["cluster"] == c["cluster"]]
+        assert reps[0]["confidence"] == max(members)
+        assert c["mean_confidence"] == pytest.approx(sum(members) / len(members), rel=1e-5)
+        assert c["top_terms"] and c["majority_label"] is not None
 
 
 def test_cli_run(ray_session, bad_archive, tmp_path, capsys):

@@ -78,6 +78,12 @@ class RunDir:
         pq.write_table(table, path, filesystem=fs)
         return uri
 
+    def write_parquet(self, name: str, table: pa.Table) -> str:
+        """Write ``table`` as the single Parquet file ``<run>/<name>``."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_bytes(name, sink.getvalue().to_pybytes())
+
     def read_table(self, name: str) -> pa.Table:
         fs, _ = storage.resolve(self.uri, self.options)
         files = storage.list_files(self.path(name), ".parquet", self.options)

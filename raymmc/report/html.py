@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from raymmc.io.rundir import RunDir
 from raymmc.report import figures
 from raymmc.report.embedding_map import embedding_map
 from raymmc.report.images import thumbnail
-from raymmc.report.terms import top_terms
+from raymmc.report.summary import ClusterSummary, Example, ReportSummary
+from raymmc.report.terms import top_terms_from_counts
 
 ImageLoader = Callable[[list[tuple[str, int]]], list["bytes | None"]]
 
@@ -77,146 +77,124 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _column(table: pa.Table, name: str, default: object = None) -> list:
-    return table.column(name).to_pylist() if name in table.column_names else [default] * table.num_rows
-
-
-def write_report(rundir: RunDir, assignments: pa.Table, items: pa.Table, embedding: np.ndarray,
-                 *, metrics: dict, image_loader: ImageLoader | None, title: str, top_images: int = 12,
-                 seed: int = 0, max_map_points: int = 5000) -> str:
+def write_report(rundir: RunDir, summary: ReportSummary, *, metrics: dict, image_loader: ImageLoader | None,
+                 title: str, top_images: int = 12, n_terms: int = 8) -> str:
     """Write ``report/index.html`` and ``report/summary.png`` under ``rundir``; return the HTML's URI.
 
-    ``assignments`` (id, cluster, confidence, has_image, has_text, note) and ``items`` (id,
-    caption, label, source, row) are row-aligned; ``embedding`` is (n, d), the clustering space.
-    ``image_loader`` maps ``[(source, row), ...]`` to encoded image bytes (None where missing);
-    with no loader, clusters show captions only.
+    ``summary`` is the run's bounded summary (:mod:`raymmc.report.summary`: per-cluster counts, terms and
+    most confident items, and the map's sample of the clustering space). ``image_loader`` maps
+    ``[(source, row), ...]`` to encoded image bytes (None where missing); with no loader, clusters show
+    captions only. Everything here is O(clusters x shown items + map points), whatever the archive's size.
     """
-    n = assignments.num_rows
+    n = summary.n
     if n == 0:
         raise ValueError("no clustered items to report")
-    if items.num_rows != n or len(embedding) != n:
-        raise ValueError(f"assignments ({n} rows), items ({items.num_rows}) and embedding "
-                         f"({len(embedding)}) must be row-aligned")
-    clusters = np.asarray(assignments.column("cluster").to_numpy(zero_copy_only=False), dtype=np.int64)
-    confidence = np.asarray(assignments.column("confidence").to_numpy(zero_copy_only=False), dtype=np.float64)
-    has_image = np.asarray(_column(assignments, "has_image", True), dtype=bool)
-    has_text = np.asarray(_column(assignments, "has_text", True), dtype=bool)
-    ids = [str(i) for i in assignments.column("id").to_pylist()]
-    notes = [s or "" for s in _column(assignments, "note", "")]
-    captions = [c or "" for c in _column(items, "caption", "")]
-    labels = [None if v is None else str(v) for v in _column(items, "label")]
-    sources, rows = _column(items, "source"), _column(items, "row")
-    any_labels = any(v is not None for v in labels)
-
+    if top_images > summary.limits.candidates:
+        raise ValueError(f"top_images {top_images} > the summary's {summary.limits.candidates} candidates")
+    stats = summary.clusters
     # Largest cluster first; ties by id so the order is deterministic.
-    sizes = Counter(clusters.tolist())
-    order = sorted(sizes, key=lambda c: (-sizes[c], c))
-    colors = dict(zip(sorted(sizes), figures.palette(len(sizes))))
-    members = {c: np.flatnonzero(clusters == c) for c in order}
-
-    terms = top_terms([" ".join(captions[i] for i in members[c]) for c in order], n=8)
+    order = sorted(stats, key=lambda c: (-stats[c].n, c))
+    colors = dict(zip(sorted(stats), figures.palette(len(stats))))
+    terms = top_terms_from_counts([stats[c].terms for c in order], [stats[c].words for c in order], n=n_terms)
+    any_labels = any(s.labels for s in stats.values())
 
     views: list[ClusterView] = []
     for c, cluster_terms in zip(order, terms):
-        idx = members[c]
-        view = ClusterView(cid=c, size=len(idx), share=len(idx) / n, confidence=float(confidence[idx].mean()),
-                           color=colors[c], terms=cluster_terms)
+        s = stats[c]
+        view = ClusterView(cid=c, size=s.n, share=s.n / n, confidence=s.mean_confidence, color=colors[c],
+                           terms=cluster_terms)
         if any_labels:
-            counted = Counter(labels[i] for i in idx if labels[i] is not None)
-            view.labels = sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))
-            view.n_labeled = sum(counted.values())
+            view.labels = sorted(s.labels.items(), key=lambda kv: (-kv[1], kv[0]))
+            view.n_labeled = sum(s.labels.values())
         views.append(view)
-
-    _fill_examples(views, members, confidence, has_image, has_text, ids, notes, captions, sources, rows,
-                   image_loader, top_images)
+    _fill_examples(views, stats, image_loader, top_images)
 
     # A stray NaN/inf row must not cost the run its report: t-SNE rejects non-finite input.
-    emap = embedding_map(np.nan_to_num(np.asarray(embedding, dtype=np.float32), posinf=0.0, neginf=0.0),
-                         seed=seed, max_points=max_map_points)
-    map_clusters = clusters[emap.index]
-    size_ids, size_values = order, [sizes[c] for c in order]
+    points = summary.sample
+    vectors = np.asarray([p.vector for p in points], dtype=np.float32).reshape(len(points), -1)
+    emap = embedding_map(np.nan_to_num(vectors, posinf=0.0, neginf=0.0), seed=summary.limits.seed,
+                         max_points=max(1, len(points)))
+    map_clusters = np.asarray([points[i].cluster for i in emap.index], dtype=np.int64)
+    size_ids, size_values = order, [stats[c].n for c in order]
     map_png = figures.map_png(emap.xy, map_clusters, colors)
     sizes_png = figures.sizes_png(size_ids, size_values, colors)
 
     label_colors = {}
     if any_labels:
-        names = sorted({v for v in labels if v is not None})
+        names = sorted({v for s in stats.values() for v in s.labels})
         label_colors = dict(zip(names, figures.palette(len(names))))
 
     page = _render(
         title=title, n=n, k=len(order), metrics=metrics, views=views, label_colors=label_colors,
-        n_image=int(has_image.sum()), n_text=int(has_text.sum()), mean_conf=float(confidence.mean()),
+        n_image=sum(s.n_image for s in stats.values()), n_text=sum(s.n_text for s in stats.values()),
+        mean_conf=sum(s.confidence_sum for s in stats.values()) / n,
         map_uri=_data_uri(map_png), sizes_uri=_data_uri(sizes_png),
-        map_note=f"{emap.method} of the {embedding.shape[1]}-d clustering space; "
-                 + (f"all {n:,} items" if len(emap.index) == n else f"a seeded sample of {len(emap.index):,} of {n:,} items"),
+        map_note=f"{emap.method} of the {vectors.shape[1]}-d clustering space; "
+                 + (f"all {n:,} items" if len(points) == n
+                    else f"a uniform sample (keyed hash of the id) of {len(points):,} of {n:,} items"),
         images_loaded=image_loader is not None,
     )
     subtitle = " · ".join([f"{n:,} items", f"{len(order)} clusters"]
                           + [f"{label} {float(metrics[key]):.3f}" for key, label, _ in METRIC_LABELS
                              if _is_number(metrics.get(key))])
-    summary = figures.summary_png(title, emap.xy, map_clusters, size_ids, size_values, colors, subtitle)
-    rundir.write_bytes("report/summary.png", summary)
+    summary_png = figures.summary_png(title, emap.xy, map_clusters, size_ids, size_values, colors, subtitle)
+    rundir.write_bytes("report/summary.png", summary_png)
     rundir.write_bytes("report/index.html", page.encode("utf-8"))
     return rundir.path("report", "index.html")
 
 
-def _fill_examples(views: list[ClusterView], members: dict[int, np.ndarray], confidence: np.ndarray,
-                   has_image: np.ndarray, has_text: np.ndarray, ids: list[str], notes: list[str],
-                   captions: list[str], sources: list, rows: list, image_loader: ImageLoader | None,
+def _fill_examples(views: list[ClusterView], stats: dict[int, ClusterSummary], image_loader: ImageLoader | None,
                    top_images: int) -> None:
     """Pick each cluster's most confident items; load and shrink their images in one loader call."""
-    wanted: list[tuple[ClusterView, int]] = []
-    ranked: dict[int, np.ndarray] = {}
+    wanted: list[tuple[ClusterView, Example]] = []
+    ranked: dict[int, list[Example]] = {}
     for view in views:
-        idx = members[view.cid]
-        idx = ranked[view.cid] = idx[np.lexsort((idx, -confidence[idx]))]  # most confident first, ties by row
-        with_img = idx[has_image[idx]] if image_loader is not None else idx[:0]
-        without = idx[~has_image[idx]] if image_loader is not None else idx
-        view.n_text_only = len(without)
-        wanted += [(view, int(i)) for i in with_img[:top_images]]
+        s = stats[view.cid]
+        ranked[view.cid] = sorted(s.with_image + s.without_image, key=Example.rank)
+        with_img = s.with_image if image_loader is not None else []
+        without = s.without_image if image_loader is not None else ranked[view.cid]
+        view.n_text_only = s.n - s.n_image if image_loader is not None else s.n
+        wanted += [(view, e) for e in with_img[:top_images]]
         # A cluster without pictures shows its captions; a mixed one lists a few text-only items.
-        limit = top_images if len(with_img) == 0 else MIXED_TEXT_ITEMS
-        view.texts = _distinct_texts([int(i) for i in without if has_text[i] or captions[i]], limit,
-                                     captions, ids, confidence, notes)
+        limit = top_images if not with_img else MIXED_TEXT_ITEMS
+        view.texts = _distinct_texts([e for e in without if e.has_text or e.caption], limit)
 
     if not wanted:
         return
-    blobs = image_loader([(str(sources[i]), int(rows[i])) for _, i in wanted])
+    blobs = image_loader([(e.source, e.row) for _, e in wanted])
     if len(blobs) != len(wanted):
         raise ValueError(f"image_loader returned {len(blobs)} images for {len(wanted)} requests")
-    for (view, i), blob in zip(wanted, blobs):
+    for (view, e), blob in zip(wanted, blobs):
         uri = thumbnail(blob, THUMB_PX)
         if uri is not None:
-            view.images.append((uri, captions[i], _title(captions[i], ids[i], confidence[i], notes[i])))
+            view.images.append((uri, e.caption, _title(e)))
     for view in {id(v): v for v, _ in wanted}.values():
         if not view.images:  # every image failed to load (file moved?): fall back to its captions
             view.images_failed = True
-            view.texts = _distinct_texts([int(i) for i in ranked[view.cid] if captions[i]], top_images,
-                                         captions, ids, confidence, notes)
+            view.texts = _distinct_texts([e for e in ranked[view.cid] if e.caption], top_images)
 
 
-def _distinct_texts(rows: list[int], limit: int, captions: list[str], ids: list[str], confidence: np.ndarray,
-                    notes: list[str]) -> list[tuple[str, str, int]]:
-    """Up to ``limit`` distinct captions from ``rows`` (best first), each with how often it occurs
-    among ``rows``: a list of "A flower." six times says less than "A flower. ×6"."""
+def _distinct_texts(examples: list[Example], limit: int) -> list[tuple[str, str, int]]:
+    """Up to ``limit`` distinct captions from ``examples`` (best first), each with how often it occurs
+    among them: a list of "A flower." six times says less than "A flower. ×6"."""
     seen: set[str] = set()
     out: list[tuple[str, str, int]] = []
-    counts = Counter(" ".join(captions[i].split()).lower() for i in rows)
-    for i in rows:
-        key = " ".join(captions[i].split()).lower()
+    counts = Counter(" ".join(e.caption.split()).lower() for e in examples)
+    for e in examples:
+        key = " ".join(e.caption.split()).lower()
         if key in seen:
             continue
         seen.add(key)
-        out.append((captions[i], _title(captions[i], ids[i], confidence[i], notes[i]), counts[key]))
+        out.append((e.caption, _title(e), counts[key]))
         if len(out) == limit:
             break
     return out
 
 
-def _title(caption: str, item_id: str, conf: float, note: str) -> str:
-    parts = [caption or "(no caption)", f"id: {item_id}", f"confidence: {conf:.3f}"]
-    if note:
-        parts.append(f"note: {note}")
+def _title(e: Example) -> str:
+    parts = [e.caption or "(no caption)", f"id: {e.id}", f"confidence: {e.confidence:.3f}"]
+    if e.note:
+        parts.append(f"note: {e.note}")
     return "\n".join(parts)
 
 

@@ -12,13 +12,20 @@ elsewhere scores high; a term spread evenly over all clusters scores low.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from sklearn.feature_extraction.text import CountVectorizer
 
 # Words of two or more letters: digits and one-letter tokens rarely describe a cluster.
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"
+
+
+def analyzer(stop_words: str | list[str] | None = "english", token_pattern: str = TOKEN_PATTERN
+             ) -> Callable[[str], list[str]]:
+    """The tokenizer c-TF-IDF counts with (lower case, stop words removed): for counting terms block by block."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(stop_words=stop_words, token_pattern=token_pattern, lowercase=True).build_analyzer()
 
 
 def ctfidf(cluster_docs: Sequence[str], *, stop_words: str | list[str] | None = "english",
@@ -28,6 +35,8 @@ def ctfidf(cluster_docs: Sequence[str], *, stop_words: str | list[str] | None = 
     ``cluster_docs[c]`` is cluster c's captions joined with spaces. An empty vocabulary (no
     captions, or only stop words) gives a ``(n_clusters, 0)`` matrix rather than an error.
     """
+    from sklearn.feature_extraction.text import CountVectorizer
+
     vec = CountVectorizer(stop_words=stop_words, token_pattern=token_pattern, lowercase=True)
     try:
         counts = vec.fit_transform(list(cluster_docs))
@@ -50,6 +59,28 @@ def top_terms(cluster_docs: Sequence[str], n: int = 8, **kwargs) -> list[list[tu
     out: list[list[tuple[str, float]]] = []
     for row in weights:
         # lexsort: last key is primary -> descending weight, then vocabulary order (alphabetical).
+        order = np.lexsort((np.arange(len(row)), -row))
+        out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
+    return out
+
+
+def top_terms_from_counts(counts: Sequence[Mapping[str, int]], words: Sequence[int] | None = None, n: int = 8
+                          ) -> list[list[tuple[str, float]]]:
+    """:func:`top_terms` from each cluster's term counts (as :func:`analyzer` counts them), summed where the
+    clusters' items are: the same terms and weights as from the joined captions. ``words`` is each cluster's
+    total term count when ``counts`` keeps only its most frequent terms (the c-TF-IDF's average length)."""
+    vocab = sorted({t for c in counts for t in c})
+    if not vocab:
+        return [[] for _ in counts]
+    col = {t: j for j, t in enumerate(vocab)}
+    tf = np.zeros((len(counts), len(vocab)))
+    for i, c in enumerate(counts):
+        for t, k in c.items():
+            tf[i, col[t]] = k
+    total = float(sum(words)) if words is not None else tf.sum()
+    weights = tf * np.log1p(total / max(len(counts), 1) / tf.sum(axis=0))
+    out: list[list[tuple[str, float]]] = []
+    for row in weights:
         order = np.lexsort((np.arange(len(row)), -row))
         out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
     return out

@@ -1,15 +1,16 @@
 """Prediction on Ray workers: the fitted model, shared once through the object store, assigns every usable
-row of the feature dataset in a ``map_batches`` actor pool; the workers write the assignments and the
-driver receives only the label x cluster counts (O(K x L)) for the metrics and the sizes."""
+row of the feature dataset in a ``map_batches`` actor pool; the workers write the assignments, and each batch
+carries its bounded summary (sizes, label counts, report examples), which is all the driver receives."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from raymmc.train.sample import MapSample
 
 ASSIGNMENT_COLUMNS = ["id", "cluster", "confidence", "has_image", "has_text", "note"]
 OUTLIER = -1  # the cluster id of an item an outlier rule left out
@@ -30,7 +31,8 @@ class Predictor:
     """One per actor: the model is rebuilt from its safetensors state once, then ``__call__`` assigns
     a batch of feature rows (testable on a ``take_batch`` without a cluster)."""
 
-    def __init__(self, spec: ModelSpec, state: Any, threads: int = 1):
+    def __init__(self, spec: ModelSpec, state: Any, threads: int = 1, sample: MapSample | None = None,
+                 summarize: Callable[[pa.Table], str] | None = None):
         import ray
         import torch
 
@@ -40,6 +42,9 @@ class Predictor:
         torch.set_num_threads(max(1, int(threads)))
         raw = ray.get(state) if isinstance(state, ray.ObjectRef) else state
         self.spec = spec
+        # With ``summarize``: each batch's bounded summary (a string) rides on its first row, in a ``summary``
+        # column, computed here where the model, the captions and the sampled embeddings already are.
+        self.sample, self.summarize = sample, summarize
         self.model = make_clusterer(spec.algorithm, spec.clusters, spec.params, seed=spec.seed)
         self.model.load_state_dict(safestate.loads(raw, where="the fitted model"))
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -49,7 +54,8 @@ class Predictor:
         from raymmc.train.trainer import table_to_multiview
 
         if batch.num_rows == 0:
-            return empty_assignments()
+            empty = empty_assignments()
+            return empty if self.summarize is None else empty.append_column("summary", pa.array([], pa.string()))
         data = table_to_multiview(batch, self.spec.pixel_channels)
         soft, outlier = self.model.assign(data)
         cluster = soft.argmax(axis=1).astype(np.int64)
@@ -57,7 +63,7 @@ class Predictor:
         marked = outlier != ""
         cluster[marked] = OUTLIER
         notes = ["; ".join(n for n in (note, why) if n) for note, why in zip(notes, outlier)]
-        return pa.table({
+        out = pa.table({
             "id": batch.column("id"),
             "cluster": pa.array(cluster),
             "confidence": pa.array(soft.max(axis=1).astype(np.float32)),
@@ -67,6 +73,27 @@ class Predictor:
             "label": batch.column("label").cast(pa.string()),
             "node": pa.array([self.node] * batch.num_rows, pa.string()),
         })
+        if self.summarize is None:
+            return out
+        summary = self.summarize(self._report_columns(out, batch))
+        return out.append_column("summary", pa.array([summary] + [None] * (batch.num_rows - 1), pa.string()))
+
+    def _report_columns(self, out: pa.Table, batch: pa.Table) -> pa.Table:
+        """The batch's assignments with the caption, source and row of each item and the embedding of the rows
+        the map may sample (a few thousand in the whole archive: the model embeds only those)."""
+        from raymmc.train.sample import sample_mask, with_sample
+        from raymmc.train.trainer import table_to_multiview
+
+        n = batch.num_rows
+        for name, default, type_ in (("caption", "", pa.string()), ("source", "", pa.string()), ("row", 0, pa.int64())):
+            out = out.append_column(name, batch.column(name) if name in batch.column_names
+                                    else pa.array([default] * n, type_))
+        if self.sample is None or self.sample.points <= 0:
+            return out
+        keys, mask = sample_mask(batch.column("id").to_pylist(), self.sample)
+        vectors = (self.model.embed(table_to_multiview(batch.filter(pa.array(mask)), self.spec.pixel_channels))
+                   if mask.any() else np.zeros((0, 0), np.float32))
+        return with_sample(out, keys, mask, vectors)
 
 
 def empty_assignments() -> pa.Table:
@@ -76,57 +103,14 @@ def empty_assignments() -> pa.Table:
                      "label": pa.array([], pa.string()), "node": pa.array([], pa.string())})
 
 
-def label_cluster_counts(batch: pa.Table) -> pa.Table:
-    """One block's (labeled, label, cluster, node, count) rows; ``labeled`` keeps null labels apart from ""."""
-    label = batch.column("label")
-    labeled = pc.is_valid(label)
-    keys = pa.table({"labeled": labeled, "label": pc.fill_null(label, ""), "cluster": batch.column("cluster"),
-                     "node": batch.column("node")})
-    return keys.group_by(COUNT_KEYS).aggregate([([], "count_all")]).rename_columns([*COUNT_KEYS, "count"])
-
-
-COUNT_KEYS = ["labeled", "label", "cluster", "node"]
-# Up to this many per-block count rows (about 50 MB on the driver) are summed there; beyond it, by a shuffle
-# on the workers (whose fixed start-up of several seconds a small run should not pay).
-DRIVER_COUNT_ROWS = 1_000_000
-
-
-@dataclass
-class Counts:
-    """The aggregated label x cluster table of a prediction: all the driver keeps of it."""
-
-    labels: list[str]  # labelled classes, sorted
-    clusters: list[int]  # cluster ids that occur (OUTLIER included), sorted
-    table: np.ndarray  # (len(labels), len(clusters)) items with that label in that cluster
-    unlabeled: np.ndarray  # (len(clusters),) items without a label per cluster
-    nodes: list[str]  # the Ray nodes the predictors ran on
-
-    @property
-    def sizes(self) -> dict[int, int]:
-        return {c: int(n) for c, n in zip(self.clusters, self.table.sum(0) + self.unlabeled)}
-
-    @property
-    def n(self) -> int:
-        return int(self.table.sum() + self.unlabeled.sum())
-
-
-def aggregate_counts(rows: list[dict]) -> Counts:
-    clusters = sorted({int(r["cluster"]) for r in rows})
-    labels = sorted({r["label"] for r in rows if r["labeled"]})
-    ci, li = {c: j for j, c in enumerate(clusters)}, {v: i for i, v in enumerate(labels)}
-    table, unlabeled = np.zeros((len(labels), len(clusters)), np.int64), np.zeros(len(clusters), np.int64)
-    for r in rows:
-        if r["labeled"]:
-            table[li[r["label"]], ci[int(r["cluster"])]] += int(r["count"])
-        else:
-            unlabeled[ci[int(r["cluster"])]] += int(r["count"])
-    return Counts(labels, clusters, table, unlabeled, sorted({r["node"] for r in rows}))
-
-
 def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
-                      cpus_per_worker: float = 1.0, batch_rows: int = 4096) -> Counts:
+                      cpus_per_worker: float = 1.0, batch_rows: int = 4096,
+                      summarize: Callable[[pa.Table], str] | None = None, map_points: int = 0, seed: int = 0):
     """Assign every row of ``dataset`` (usable feature rows) on a pool of ``workers`` actors, write
-    ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the counts."""
+    ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the prediction rows
+    (a materialised Ray Dataset). With ``summarize`` (a function of a batch's assignments, labels, captions,
+    sources, rows and, on a ``map_points`` sample keyed by ``seed``, embeddings), those rows also carry each
+    batch's summary (see :class:`Predictor`): all the driver needs of them."""
     import ray
 
     ref = ray.put(state)
@@ -140,11 +124,9 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
         dataset = dataset.repartition(8 * workers).materialize()
     rows = max(1, min(batch_rows, -(-n // (8 * workers))))
     assigned = dataset.map_batches(
-        Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker))},
+        Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker)),
+                                          "sample": MapSample(map_points, seed, n), "summarize": summarize},
         batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
     ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
-    per_block = assigned.map_batches(label_cluster_counts, batch_format="pyarrow", batch_size=None).materialize()
-    if per_block.count() > DRIVER_COUNT_ROWS:  # many blocks x clusters x labels: sum them on the workers first
-        per_block = per_block.groupby(COUNT_KEYS).sum("count").rename_columns({"sum(count)": "count"})
-    return aggregate_counts(per_block.take_all())
+    return assigned
