@@ -417,6 +417,29 @@ def test_clusters_table():
         assert 0 < len(row["top_terms"]) <= 4
 
 
+def test_summary_merged_on_the_workers_equals_the_driver_merge(ray_session, monkeypatch):
+    """The prediction rows carry one summary per batch; above DRIVER_MERGE_ROWS they are merged in a tree of
+    Ray Data tasks (here forced, with a fan-in of 3): the same summary as the driver's merge and in-process."""
+    from raymmc.report import summary as summary_mod
+
+    a, items, emb = _synthetic(500, seed=11)
+    limits = SummaryLimits(candidates=10, max_terms=10_000, map_points=60, seed=1)
+    table = join_items(a, items)
+    batches = []
+    for lo in range(0, 500, 40):  # as the Predictor emits them: its batch's summary on the batch's first row
+        block = table.slice(lo, 40)
+        keys, mask = sample_mask(block.column("id").to_pylist(), MapSample(60, 1, 500))
+        text = summary_mod.block_summary(with_sample(block, keys, mask, emb[lo:lo + 40][mask]), limits)
+        batches.append(a.slice(lo, 40).append_column("summary", pa.array([text] + [None] * (block.num_rows - 1), pa.string())))
+    ds = ray_session.data.from_arrow(batches).materialize()
+    driver = summary_mod.summarize_dataset(ds, limits)
+    monkeypatch.setattr(summary_mod, "DRIVER_MERGE_ROWS", 0)
+    monkeypatch.setattr(summary_mod, "MERGE_FANIN", 3)
+    workers = summary_mod.summarize_dataset(ds, limits)
+    assert _comparable(workers) == _comparable(driver) == _comparable(summarize(a, items, emb, limits))
+    assert len(driver.sample) == 60
+
+
 def test_report_map_is_a_bounded_sample(tux_run, tmp_path):
     rundir = RunDir(str(tmp_path / "run")).create()
     write_report(rundir, tux_run["assignments"], tux_run["items"], tux_run["embedding"], metrics={},

@@ -1,17 +1,18 @@
 """The map sample of a prediction: which rows the prediction workers embed for the report's 2-D map.
 
-A uniform sample of at most ``points`` items, drawn as the bottom ``points`` of a keyed hash of the id: the same
-items whatever the blocks, their order or the worker count. Each worker embeds only the rows whose key falls
-in a share of about twice ``points`` (so the bottom ``points`` are among them), never the whole archive.
+A uniform sample of at most ``points`` items, drawn as the ``points`` lowest keyed priorities of the ids
+(:mod:`raymmc.hashing`): the same items whatever the blocks, their order or the worker count. Each worker embeds
+only the rows whose priority falls in the share that holds those lowest ones, never the whole archive.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from raymmc.hashing import keep_fraction, keyed_priority, under
 
 
 @dataclass(frozen=True)
@@ -21,28 +22,12 @@ class MapSample:
     n_total: int  # the items being predicted (sets the sampled share)
 
 
-def sample_keys(ids, seed: int) -> np.ndarray:
-    """uint64 keyed hashes (BLAKE2b keyed by the seed) of the ids: the map sample's order."""
-    key = int(seed).to_bytes(8, "little", signed=True)
-    return np.array([int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8, key=key).digest(), "little")
-                     for i in ids], dtype=np.uint64)
-
-
-def sample_fraction(n: int, points: int) -> float:
-    """The share of items whose embedding a worker computes: about twice ``points``, so the bottom ``points``
-    keys are among them (fewer only with a probability that is negligible from ~100 points)."""
-    if points <= 0 or n <= 0:
-        return 0.0
-    return min(1.0, 2.0 * points / n)
-
-
 def sample_mask(ids, sample: MapSample) -> tuple[np.ndarray, np.ndarray]:
-    """The keys of ``ids`` and the mask of those whose embedding the map sample may need."""
-    keys = sample_keys(ids, sample.seed)
-    fraction = sample_fraction(sample.n_total, sample.points)
-    if fraction >= 1.0:
-        return keys, np.ones(len(keys), dtype=bool)
-    return keys, keys.astype(np.float64) < fraction * 2.0**64
+    """The keyed priorities of ``ids`` and the mask of those whose embedding the map sample may need."""
+    keys = keyed_priority([str(i) for i in ids], sample.seed)
+    if sample.points <= 0:
+        return keys, np.zeros(len(keys), dtype=bool)
+    return keys, under(keys, keep_fraction(sample.points, sample.n_total))
 
 
 def with_sample(table: pa.Table, keys: np.ndarray, mask: np.ndarray, vectors: np.ndarray) -> pa.Table:
