@@ -258,11 +258,11 @@ def test_wrap_hook_and_global_ops_are_used():
     m = DM2C(3, tiny_cfg(target_modality="auto"), wrap=wrap)
     m.fit(data, ops)
     assert len(wrapped) == 6
-    # the largest local pool of each modality (steps per epoch), then the collective check that every worker
-    # can fill them
-    assert ops.calls[:4] == ["all_gather_cat", "all_gather_cat", "all_reduce_sum", "all_reduce_sum"]
-    # largest local pool per modality (steps per epoch), auto target (image, text latents), k-means sample
-    assert ops.calls.count("all_gather_cat") == 5
+    # all workers' rows of each modality (steps per epoch), then the collective check that every worker can
+    # fill them
+    assert ops.calls[:4] == ["all_reduce_sum"] * 4
+    # auto target (image, text latents), k-means sample
+    assert ops.calls.count("all_gather_cat") == 3
     assert ops.calls.count("broadcast") == 0  # one worker: rank 0's choices are everyone's
 
 

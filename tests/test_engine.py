@@ -13,6 +13,7 @@ import torch
 from raymmc.cluster.base import LOCAL, MultiViewData
 from raymmc.cluster.protocols import mixed_modal
 from raymmc.cluster.registry import make_clusterer
+from raymmc.cluster.base import GlobalOps
 from raymmc.cluster.sampler import EpochSampler, steps_per_epoch
 from raymmc.cluster.seeding import Stream, derive_seed
 from raymmc.io import safestate
@@ -51,6 +52,24 @@ def test_sampler_refuses_a_shard_too_small_for_its_steps():
     empty = EpochSampler(0, 3, np.random.default_rng(0))  # a worker without rows still takes every step
     assert [len(empty.next()) for _ in range(3)] == [0, 0, 0]
     assert steps_per_epoch(100, 32, LOCAL) == 4
+
+
+class _FourWorkers(GlobalOps):
+    """What one of four workers with equal shards sees: sums are four times its own."""
+
+    world_size = 4
+
+    def all_reduce_sum(self, tensor):
+        return tensor * 4
+
+
+def test_batch_size_is_global_so_step_schedules_do_not_depend_on_the_worker_count():
+    # 1,000 rows, global batch 64: 16 steps an epoch on one worker and on each of four (250 rows each), whose
+    # local batches of 15-16 rows add up to the global batch.
+    assert steps_per_epoch(1000, 64, LOCAL) == steps_per_epoch(250, 64, _FourWorkers()) == 16
+    sampler = EpochSampler(250, 16, np.random.default_rng(0))
+    sizes = [len(sampler.next()) for _ in range(16)]
+    assert sum(sizes) == 250 and set(sizes) <= {15, 16}
 
 
 def test_derived_seeds_are_distinct_stable_and_fit_a_c_int():

@@ -1,10 +1,12 @@
-"""TorchDistributedOps on a real 2-process gloo group: the collectives the math relies on."""
+"""TorchDistributedOps on a real 2-process gloo group: the collectives the math relies on, gradients included."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from raymmc.cluster.jecl import global_mean_assignment
+from raymmc.cluster.losses import uniform_kl
 from raymmc.train.ops import TorchDistributedOps
 
 
@@ -17,9 +19,22 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
         gathered = ops.all_gather_cat(local)
         bcast = ops.broadcast(torch.tensor([rank + 5.0]), src=1)
         ops.barrier()
-        results[rank] = (summed.tolist(), gathered.flatten().tolist(), bcast.tolist(), local.flatten().tolist())
+        # JECL's regulariser on the global batch (2 rows here, 4 there): with DDP's averaging of the shared
+        # weight's gradient, the gradient of one process on all 6 rows.
+        x, w = _reg_inputs()
+        rows = slice(0, 2) if rank == 0 else slice(2, 6)
+        qbar, count = global_mean_assignment(torch.softmax(x[rows] @ w, 1), torch.ones(rows.stop - rows.start), ops)
+        uniform_kl(qbar).backward()
+        grad = ops.all_reduce_sum(w.grad) / world
+        results[rank] = (summed.tolist(), gathered.flatten().tolist(), bcast.tolist(), local.flatten().tolist(),
+                         grad.tolist(), count)
     finally:
         dist.destroy_process_group()
+
+
+def _reg_inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 3, generator=g), torch.randn(3, 3, generator=g).requires_grad_()
 
 
 def test_collectives(tmp_path):
@@ -34,11 +49,14 @@ def test_collectives(tmp_path):
         assert all(p.exitcode == 0 for p in procs)
         results = dict(results)
     for rank in range(2):
-        summed, gathered, bcast, local = results[rank]
+        summed, gathered, bcast, local, grad, count = results[rank]
         assert summed == [2.0, 1.0]
         assert gathered == [0.0, 1.0, 10.0, 11.0, 12.0]  # rank order, uneven sizes
         assert bcast == [6.0]
         assert local == ([0.0, 1.0] if rank == 0 else [10.0, 11.0, 12.0])  # inputs untouched
+        x, w = _reg_inputs()
+        uniform_kl(torch.softmax(x @ w, 1).mean(0)).backward()
+        assert count == 6 and torch.allclose(torch.tensor(grad), w.grad, atol=1e-6)
 
 
 def test_needs_a_process_group():

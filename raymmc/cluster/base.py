@@ -79,6 +79,12 @@ class GlobalOps:
         """Concatenate along dim 0 the tensors of all workers (shapes may differ in dim 0)."""
         return tensor.clone()
 
+    def all_reduce_sum_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over workers that gradients flow through (the backward sums the workers'
+        gradients): for a loss term of a statistic of the global batch. Under DDP's gradient averaging, the
+        term's gradient is then exactly that of the global batch's statistic."""
+        return tensor
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor.clone()
 

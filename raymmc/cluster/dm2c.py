@@ -60,9 +60,9 @@ from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.checkpoint import Phase, Resume
 from raymmc.cluster.deep import DeepClusterer
 from raymmc.cluster.kmeans import InitConfig, NearestCentroid, init_centroids, kmeans, squared_distances
-from raymmc.cluster.nets import forward_in_batches, unwrap
+from raymmc.cluster.nets import broadcast_buffers, forward_in_batches, unwrap
 from raymmc.cluster.pretrain import pretrain_autoencoder
-from raymmc.cluster.sampler import EpochSampler, check_min_batch, global_max
+from raymmc.cluster.sampler import EpochSampler, check_min_batch, steps_per_epoch
 from raymmc.cluster.views import l2_normalize
 
 MODALITIES = ("image", "text")
@@ -259,7 +259,7 @@ class DM2C(NearestCentroid, DeepClusterer):
     def _samplers(self, rows: dict[str, torch.Tensor], ops: GlobalOps) -> dict[str, EpochSampler]:
         """One lock-step sampler per modality; BatchNorm needs at least 2 rows per batch."""
         bs = max(2, self.config.batch_size)
-        steps = {m: max(1, -(-global_max(len(rows[m]), ops) // bs)) for m in MODALITIES}
+        steps = {m: steps_per_epoch(len(rows[m]), bs, ops) for m in MODALITIES}  # bs: the global batch
         for m in MODALITIES:  # every worker refuses together: none is left waiting in a collective
             check_min_batch(len(rows[m]), steps[m], 2, ops, f"DM2C {m} items")
         return {m: self.streams.sampler(m, len(rows[m]), steps[m], min_batch=2) for m in MODALITIES}
@@ -290,6 +290,7 @@ class DM2C(NearestCentroid, DeepClusterer):
             self._checkpoint(Phase.PRETRAINED, ops, self._training_state(0, None))
         self._train_adversarial(net, rows, samplers, ops, start, opt_states)
         for v in raw.values():
+            broadcast_buffers(v, ops)
             v.eval()
         self.target_ = self._choose_target(rows, ops)
         z = self._embed_tensor(data).cpu()

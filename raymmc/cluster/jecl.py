@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from raymmc.cluster.assignment import align_from_cooccurrence
-from raymmc.cluster.base import GlobalOps, MultiViewData
+from raymmc.cluster.base import LOCAL, GlobalOps, MultiViewData
 from raymmc.cluster.dec import build_autoencoder
-from raymmc.cluster.losses import global_soft_frequency, joint_target, jsd, kl_div, mean_assignment, uniform_kl
+from raymmc.cluster.losses import global_soft_frequency, joint_target, jsd, kl_div, uniform_kl
 from raymmc.cluster.nets import ClusteringHead, TwoViewClusteringNet, forward_in_batches, unwrap
 from raymmc.cluster.pretrain import AEConfig
 from raymmc.cluster.selftrain import SelfTrainingClusterer, SelfTrainingModelConfig
@@ -71,11 +71,22 @@ class JECLConfig(SelfTrainingModelConfig):
     text_ae: AEConfig = field(default_factory=AEConfig)
 
 
+def global_mean_assignment(q: torch.Tensor, weight: torch.Tensor, ops: GlobalOps) -> tuple[torch.Tensor, float]:
+    """The mean soft assignment over the rows with ``weight`` 1 of every worker's batch (the global batch),
+    with gradient, and how many rows that is (the same on every worker)."""
+    local = torch.cat([(q * weight[:, None]).sum(dim=0), weight.sum()[None]])
+    sums = ops.all_reduce_sum_grad(local)
+    count = float(sums[-1].detach())
+    return sums[:-1] / max(count, 1.0), count
+
+
 def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor,
-              beta: float, gamma: float, align: bool = True, regularize: bool = True) -> dict[str, torch.Tensor]:
-    """JECL's loss on a batch; every term is summed over the batch rows and divided by the batch
-    size (rows without a view contribute nothing to that view's terms).  Returns all terms and
-    their weighted sum under ``"loss"``."""
+              beta: float, gamma: float, align: bool = True, regularize: bool = True, ops: GlobalOps = LOCAL
+              ) -> dict[str, torch.Tensor]:
+    """JECL's loss on a batch; every term but the regulariser is summed over the batch rows and divided by
+    the batch size (rows without a view contribute nothing to that view's terms). The regulariser is on the
+    mean assignment of the global batch (every worker's, through ``ops``): the paper's batch mean, whatever
+    the worker count. Returns all terms and their weighted sum under ``"loss"``."""
     hi = has_image.to(q.dtype)
     ht = has_text.to(q.dtype)
     n = max(q.shape[0], 1)
@@ -86,10 +97,10 @@ def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torc
     if align:
         total = total + beta * terms["jsd"]
     reg = q.new_zeros(())
-    if bool(has_image.any()):
-        reg = reg + uniform_kl(mean_assignment(q, hi))
-    if bool(has_text.any()):
-        reg = reg + uniform_kl(mean_assignment(r, ht))
+    for dist_, weight in ((q, hi), (r, ht)):  # the collective runs on every worker, rows or not
+        qbar, count = global_mean_assignment(dist_, weight, ops)
+        if count > 0:
+            reg = reg + uniform_kl(qbar)
     terms["reg"] = reg
     if regularize:
         total = total + gamma * reg
@@ -129,7 +140,7 @@ class _JECLObjective:
         r = self.rows
         _, q, _, rt = self.net(r["x"][i].to(dev), r["t"][i].to(dev))
         return jecl_loss(p[i].to(dev), q, rt, r["hi"][i].to(dev), r["ht"][i].to(dev), c.beta, c.gamma, c.align,
-                         c.regularize)
+                         c.regularize, self.ops)
 
 
 class JECL(SelfTrainingClusterer):

@@ -51,6 +51,7 @@ from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.checkpoint import Phase, Resume
 from raymmc.cluster.deep import DeepClusterer
 from raymmc.cluster.kmeans import NearestCentroid, kmeans
+from raymmc.cluster.nets import broadcast_buffers
 from raymmc.cluster.sampler import EpochSampler, check_min_batch, steps_per_epoch
 from raymmc.cluster.seeding import Stream, derive_seed
 
@@ -402,6 +403,7 @@ class MMDC(NearestCentroid, DeepClusterer):
                 self._checkpoint(Phase.EPOCH, ops, {
                     "model": self.model_.state_dict(), "targets": self.targets_, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1})
+        broadcast_buffers(self.model_, ops)
         self.model_.eval()
         self.n_iter_ = cfg.epochs
         self.labels_ = self.predict(data)

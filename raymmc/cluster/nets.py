@@ -116,6 +116,17 @@ class TwoViewClusteringNet(nn.Module):
         return z, q, v, r
 
 
+def broadcast_buffers(module: nn.Module, ops) -> None:
+    """Every worker takes rank 0's buffers (BatchNorm running statistics). DDP broadcasts them at the start of
+    each forward, so after the last training step each worker still holds its own last batch's update: without
+    this, the workers' final models would differ (a collective: every worker calls it at the same point)."""
+    if ops.world_size <= 1:
+        return
+    with torch.no_grad():
+        for buf in unwrap(module).buffers():
+            buf.copy_(ops.broadcast(buf, src=0))
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP / DataParallel wrapper (or the module itself)."""
     return getattr(module, "module", module)

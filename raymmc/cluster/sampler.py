@@ -1,11 +1,13 @@
 """The one mini-batch rule of every deep algorithm, and the step count that keeps workers in lock-step.
 
 Data-parallel training (DDP) all-reduces gradients at every step, so every worker must take the same
-number of steps or the others wait forever. An epoch is therefore ``steps_per_epoch`` batches on every
-worker, counted from the largest local shard; each worker shuffles its own rows once per epoch and
-cuts them into that many near-equal batches (sizes differ by at most one). Every local row is used
-exactly once per epoch, whatever the shard sizes (30 and 34 rows: both workers take the same steps,
-with batches of 30 and 34 rows when the batch size is 64).
+number of steps or the others wait forever. ``batch_size`` is the global batch: an epoch is
+``steps_per_epoch`` = ceil(all rows / batch_size) steps on every worker, whatever the worker count, so
+step-counted schedules (update intervals, iteration caps, learning-rate schedules) mean the same for 1 and
+N workers, and each step's averaged gradient is over about ``batch_size`` rows. Each worker shuffles its own
+rows once per epoch and cuts them into that many near-equal batches (sizes differ by at most one): with
+N equal shards, a local batch is about batch_size / N rows. Every local row is used exactly once per epoch,
+whatever the shard sizes.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ import torch
 from raymmc.cluster.base import GlobalOps
 
 
-def global_max(value: int, ops: GlobalOps) -> int:
-    return int(ops.all_gather_cat(torch.tensor([int(value)], dtype=torch.int64)).max())
+def global_sum(value: int, ops: GlobalOps) -> int:
+    return int(ops.all_reduce_sum(torch.tensor([int(value)], dtype=torch.int64))[0])
 
 
 def steps_per_epoch(n_local: int, batch_size: int, ops: GlobalOps) -> int:
-    """Batches per epoch, the same on every worker: the largest local shard over ``batch_size``."""
+    """Steps per epoch, the same on every worker: all workers' rows over the global ``batch_size``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return max(1, math.ceil(global_max(n_local, ops) / batch_size))
+    return max(1, math.ceil(global_sum(n_local, ops) / batch_size))
 
 
 def _too_small(n: int, steps: int, min_batch: int) -> str:
-    return (f"a worker holds {n} rows, too few for {steps} batches of at least {min_batch} (the largest "
-            "worker's shard sets the steps per epoch): balance the shards or use fewer workers")
+    return (f"a worker holds {n} rows, too few for {steps} batches of at least {min_batch} (the steps per "
+            "epoch are all rows over the global batch size): raise the batch size, balance the shards or use "
+            "fewer workers")
 
 
 def check_min_batch(n_local: int, steps: int, min_batch: int, ops: GlobalOps, what: str = "rows") -> None:

@@ -27,6 +27,12 @@ class TorchDistributedOps(GlobalOps):
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(tensor.device)
 
+    def all_reduce_sum_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        # on the group's device (nccl: CUDA); the autograd all_reduce sums the gradients in its backward
+        return all_reduce(tensor.to(self.device), op=dist.ReduceOp.SUM).to(tensor.device)
+
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's tensor along dim 0, in rank order; sizes may differ."""
         local = tensor.detach().to(self.device).contiguous()
