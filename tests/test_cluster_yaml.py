@@ -76,6 +76,19 @@ def test_setup_installs_this_package(cluster):
     assert not any("--upgrade" in c or " -U " in c for c in setup)
 
 
+def test_gpu_nodes_swap_faiss_cpu_for_the_gpu_extra(cluster):
+    """faiss-cpu and faiss-gpu provide the same `faiss` module: the GPU nodes remove faiss-cpu before they install
+    faiss-gpu (the package's `gpu` extra, same requirement), and only they do."""
+    import tomllib
+
+    extra = tomllib.loads(open(REPO / "pyproject.toml").read())["project"]["optional-dependencies"]["gpu"]
+    commands = " && ".join(cluster["available_node_types"]["gpu_worker"]["worker_setup_commands"])
+    assert commands.index("pip uninstall -y faiss-cpu") < commands.index(f"pip install '{extra[0]}'")
+    for name, node in cluster["available_node_types"].items():
+        if name != "gpu_worker":
+            assert "faiss" not in " ".join(node.get("worker_setup_commands", [])), name
+
+
 def test_ray_start_commands(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     worker = " ".join(cluster["worker_start_ray_commands"])
