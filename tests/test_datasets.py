@@ -203,7 +203,7 @@ def test_unknown_name_lists_the_names(tmp_path):
         build("imagenet", str(tmp_path))
     for name in NAMES:
         assert name in str(err.value)
-    assert set(NAMES) == {"tuxpaint", "fashion-mnist", "mnist-5k", "newsgroups"}
+    assert set(NAMES) == {"tuxpaint", "oxygen-icons", "stamps-icons", "fashion-mnist", "mnist-5k", "newsgroups"}
 
 
 def test_bad_limit(tmp_path, cache_dir):
@@ -292,3 +292,17 @@ def test_build_to_s3(cache_dir, tmp_path):
 def test_collect_matches_build(cache_dir):
     items = datasets.collect("mnist-5k", cache_dir=cache_dir, limit=10)
     assert len(items.ids) == 10 and items.table().schema.equals(SCHEMA)
+
+
+def test_oxygen_icons_one_item_per_icon_named_by_its_words(cache_dir):
+    from collections import Counter
+
+    from raymmc.datasets import collect
+
+    items = collect("oxygen-icons", cache_dir=cache_dir)
+    counts = Counter(items.labels)
+    assert len(items.ids) == 1415 and len(counts) == 10 and min(counts.values()) >= 10
+    row = dict(zip(items.ids, items.captions))
+    assert row["oxygen/actions/address-book-new"] == "address book new"
+    assert all(i.startswith(f"oxygen/{label}/") for i, label in zip(items.ids, items.labels))
+    assert all(img[:8] == b"\x89PNG\r\n\x1a\n" for img in items.images[:50])
