@@ -24,7 +24,6 @@ from raymmc.report import figures
 from raymmc.report.embedding_map import embedding_map
 from raymmc.report.images import thumbnail
 from raymmc.report.summary import ClusterSummary, Example, ReportSummary
-from raymmc.report.terms import top_terms_from_counts
 
 ImageLoader = Callable[[list[tuple[str, int]]], list["bytes | None"]]
 
@@ -92,10 +91,9 @@ def write_report(rundir: RunDir, summary: ReportSummary, *, metrics: dict, image
     if top_images > summary.limits.candidates:
         raise ValueError(f"top_images {top_images} > the summary's {summary.limits.candidates} candidates")
     stats = summary.clusters
-    # Largest cluster first; ties by id so the order is deterministic.
-    order = sorted(stats, key=lambda c: (-stats[c].n, c))
+    order = summary.largest_first()
     colors = dict(zip(sorted(stats), figures.palette(len(stats))))
-    terms = top_terms_from_counts([stats[c].terms for c in order], [stats[c].words for c in order], n=n_terms)
+    terms = summary.top_terms(order, n_terms)
     any_labels = any(s.labels for s in stats.values())
 
     views: list[ClusterView] = []

@@ -98,6 +98,17 @@ class ReportSummary:
             clusters[int(c)] = ClusterSummary(**s)
         return cls(SummaryLimits(**raw["limits"]), clusters, [MapPoint(**p) for p in raw["sample"]], raw["nodes"])
 
+    def largest_first(self) -> list[int]:
+        """The cluster ids by size, largest first; ties by id, so the order is deterministic."""
+        return sorted(self.clusters, key=lambda c: (-self.clusters[c].n, c))
+
+    def top_terms(self, order: list[int], n: int) -> list[list[tuple[str, float]]]:
+        """Each cluster's ``n`` best c-TF-IDF ``(term, weight)``, for the clusters ``order``."""
+        from raymmc.report.terms import top_terms_from_counts
+
+        return top_terms_from_counts([self.clusters[c].terms for c in order], [self.clusters[c].words for c in order],
+                                     n=n)
+
     def contingency(self) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
         """``(labels, clusters, table, unlabeled)``: labelled items per (label, cluster), both sorted, and
         the unlabelled items per cluster: what the metrics are computed from."""
@@ -222,11 +233,9 @@ def join_items(assignments: pa.Table, items: pa.Table) -> pa.Table:
 def clusters_table(summary: ReportSummary, *, n_terms: int = 8, n_ids: int = 10) -> pa.Table:
     """``clusters.parquet``: one row per cluster (largest first) for programs: its size, mean confidence,
     modality counts, top c-TF-IDF terms, most confident ids and, where labels exist, its majority label."""
-    from raymmc.report.terms import top_terms_from_counts
-
     stats = summary.clusters
-    order = sorted(stats, key=lambda c: (-stats[c].n, c))
-    terms = top_terms_from_counts([stats[c].terms for c in order], [stats[c].words for c in order], n=n_terms)
+    order = summary.largest_first()
+    terms = summary.top_terms(order, n_terms)
     n = max(summary.n, 1)
     majority, purity = [], []
     for c in order:

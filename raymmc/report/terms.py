@@ -43,10 +43,22 @@ def ctfidf(cluster_docs: Sequence[str], *, stop_words: str | list[str] | None = 
     except ValueError:  # sklearn: "empty vocabulary"
         return np.zeros((len(cluster_docs), 0)), []
     tf = counts.toarray().astype(np.float64)
-    f = tf.sum(axis=0)  # > 0 for every vocabulary term
-    avg_words = tf.sum() / max(len(cluster_docs), 1)
-    weights = tf * np.log1p(avg_words / f)
-    return weights, list(vec.get_feature_names_out())
+    return _weights(tf, tf.sum()), list(vec.get_feature_names_out())
+
+
+def _weights(tf: np.ndarray, total_words: float) -> np.ndarray:
+    """The module doc's W from the (clusters, terms) counts; ``total_words`` over all clusters sets A."""
+    avg_words = total_words / max(len(tf), 1)
+    return tf * np.log1p(avg_words / tf.sum(axis=0))  # every vocabulary term occurs somewhere: f > 0
+
+
+def _ranked(weights: np.ndarray, vocab: list[str], n: int) -> list[list[tuple[str, float]]]:
+    out: list[list[tuple[str, float]]] = []
+    for row in weights:
+        # lexsort: last key is primary -> descending weight, then vocabulary order (alphabetical).
+        order = np.lexsort((np.arange(len(row)), -row))
+        out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
+    return out
 
 
 def top_terms(cluster_docs: Sequence[str], n: int = 8, **kwargs) -> list[list[tuple[str, float]]]:
@@ -56,12 +68,7 @@ def top_terms(cluster_docs: Sequence[str], n: int = 8, **kwargs) -> list[list[tu
     report is deterministic.
     """
     weights, vocab = ctfidf(cluster_docs, **kwargs)
-    out: list[list[tuple[str, float]]] = []
-    for row in weights:
-        # lexsort: last key is primary -> descending weight, then vocabulary order (alphabetical).
-        order = np.lexsort((np.arange(len(row)), -row))
-        out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
-    return out
+    return _ranked(weights, vocab, n)
 
 
 def top_terms_from_counts(counts: Sequence[Mapping[str, int]], words: Sequence[int] | None = None, n: int = 8
@@ -77,10 +84,4 @@ def top_terms_from_counts(counts: Sequence[Mapping[str, int]], words: Sequence[i
     for i, c in enumerate(counts):
         for t, k in c.items():
             tf[i, col[t]] = k
-    total = float(sum(words)) if words is not None else tf.sum()
-    weights = tf * np.log1p(total / max(len(counts), 1) / tf.sum(axis=0))
-    out: list[list[tuple[str, float]]] = []
-    for row in weights:
-        order = np.lexsort((np.arange(len(row)), -row))
-        out.append([(vocab[j], float(row[j])) for j in order[:n] if row[j] > 0])
-    return out
+    return _ranked(_weights(tf, float(sum(words)) if words is not None else tf.sum()), vocab, n)
