@@ -36,3 +36,28 @@ def under(priority: np.ndarray, fraction: float) -> np.ndarray:
     if fraction >= 1.0:
         return np.ones(len(priority), dtype=bool)
     return priority < np.uint64(min(SPAN * fraction, SPAN - 1))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic): a fast, well-mixed counter-based hash, so
+    random draws keyed by (item, epoch, ...) are the same wherever the item is processed."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def unit_float(h: np.ndarray) -> np.ndarray:
+    """uint64 hashes -> float64 uniform on [0, 1) (their top 53 bits)."""
+    return (np.asarray(h, dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def keyed_keep_mask(keys: np.ndarray, width: int, rate: float) -> np.ndarray:
+    """(n, width) bool: entry j of row i is dropped with probability ``rate``, from ``keys[i]`` and j alone
+    (masking noise that does not depend on which worker or batch holds the row)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    cols = (np.arange(1, width + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+    return unit_float(mix64(mix64(keys)[:, None] ^ cols)) >= rate

@@ -72,6 +72,43 @@ def test_batch_size_is_global_so_step_schedules_do_not_depend_on_the_worker_coun
     assert sum(sizes) == 250 and set(sizes) <= {15, 16}
 
 
+def _keyed_batches(keys: np.ndarray, steps: int, epochs: int = 2) -> list[set[int]]:
+    s = EpochSampler(len(keys), steps, np.random.default_rng(0), keys=keys, salt=12345)
+    out = []
+    for _ in range(steps * epochs):
+        idx = s.next()
+        assert s.weight == 1.0 and s.rows == len(idx)  # one worker: the local batch is the global batch
+        out.append(set(keys[idx].tolist()))
+    return out
+
+
+def test_keyed_batches_are_the_same_global_batches_for_any_split_of_the_rows():
+    keys = np.random.default_rng(0).integers(0, 2**63, 500).astype(np.uint64)
+    whole = _keyed_batches(keys, 8)
+    # two "workers" holding the rows in another order: the union of their step-b batches is the 1-worker batch
+    rev = keys[::-1]
+    halves = [_keyed_batches(rev[0::2], 8), _keyed_batches(rev[1::2], 8)]
+    assert [a | b for a, b in zip(*halves)] == whole
+    for epoch in (whole[:8], whole[8:]):  # every row once per epoch, batch sizes around 500 / 8
+        assert sorted(k for b in epoch for k in b) == sorted(keys.tolist())
+        assert all(30 <= len(b) <= 95 for b in epoch)
+    assert whole[:8] != whole[8:]  # a new partition each epoch
+
+
+def test_keyed_sampler_resumes_the_same_batches_and_noise_keys():
+    keys = np.arange(100, dtype=np.uint64) * np.uint64(7919)
+    a = EpochSampler(100, 4, np.random.default_rng(0), keys=keys, salt=3)
+    for _ in range(6):
+        a.next()
+    state = safestate.loads(safestate.dumps({"s": a.state_dict()}))["s"]
+    expect = [(a.next(), a.noise_keys()) for _ in range(5)]
+    b = EpochSampler(100, 4, np.random.default_rng(0), keys=keys, salt=3)
+    b.load_state_dict(state)
+    for idx, noise in expect:
+        np.testing.assert_array_equal(idx, b.next())
+        np.testing.assert_array_equal(noise, b.noise_keys())
+
+
 def test_derived_seeds_are_distinct_stable_and_fit_a_c_int():
     seeds = {derive_seed(s, st, r) for s in range(3) for st in Stream for r in (None, 0, 1)}
     assert len(seeds) == 3 * len(Stream) * 3

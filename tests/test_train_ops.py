@@ -1,4 +1,5 @@
-"""TorchDistributedOps on a real 2-process gloo group: the collectives the math relies on, gradients included."""
+"""TorchDistributedOps on a real 2-process gloo group: the collectives the math relies on, gradients included, and
+DEC and JECL under DDP on two workers fitting exactly what one process fits."""
 
 import pytest
 import torch
@@ -76,3 +77,77 @@ def test_auto_mode_keeps_large_archives_off_the_driver():
     assert not use_ray_train(TrainConfig(mode="local", local_max_items=1000), "kmeans", 10**9)  # asked for
     with pytest.raises(ValueError, match="auto, ray or local"):
         use_ray_train(TrainConfig(mode="fast"), "kmeans", 10)
+
+
+# ------------------------------------------------------------------ 1 vs 2 DDP workers: the same fit
+_FIT = {"cluster": {"max_iter": 150, "update_interval": 15}, "device": "cpu"}
+
+
+def _multiview(n: int = 480, k: int = 5):
+    import numpy as np
+
+    from raymmc.cluster.base import MultiViewData
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, k, n)
+    image = (rng.normal(size=(k, 48))[y] + 1.5 * rng.normal(size=(n, 48))).astype(np.float32)
+    text = (rng.normal(size=(k, 24))[y] + 1.5 * rng.normal(size=(n, 24))).astype(np.float32)
+    has_text = rng.random(n) > 0.3  # a third without caption: JECL's masks and DEC's view subset matter
+    text[~has_text] = 0
+    return MultiViewData(image=image, text=text, has_text=has_text,
+                         ids=np.array([f"item-{i}" for i in range(n)], dtype=object))
+
+
+def _fit(algorithm: str, data, ops=None, wrap=None):
+    from raymmc.cluster.base import LOCAL
+    from raymmc.cluster.registry import make_clusterer
+
+    ae = {"epochs": 8, "batch_size": 64}
+    config = {**_FIT, **({"image_ae": ae, "text_ae": ae} if algorithm == "jecl" else {"ae": ae, "view": "text"})}
+    return make_clusterer(algorithm, 5, config, seed=3, wrap=wrap).fit(data, ops or LOCAL)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, algorithm: str, results: dict) -> None:
+    import numpy as np
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data = _multiview()
+        shard = np.arange(len(data))[::-1][rank::world]  # another order and an interleaved split
+        model = _fit(algorithm, data.subset(shard), TorchDistributedOps(), DistributedDataParallel)
+        results[rank] = (model.predict(_usable(model, data)).tolist(), model.n_iter_)
+    finally:
+        dist.destroy_process_group()
+
+
+def _usable(model, data):
+    import numpy as np
+
+    return data.subset(np.flatnonzero(model.usable(data)))
+
+
+@pytest.mark.parametrize("algorithm", ["jecl", "dec"])
+def test_two_ddp_workers_fit_what_one_process_fits(tmp_path, algorithm, one_torch_thread):
+    """Keyed batches, batch weights and keyed masking noise (raymmc.cluster.sampler) and the keyed k-means
+    sample make the union of the workers' batches the one process's batch: only the summation order differs,
+    so the assignments agree item by item (not only up to a permutation)."""
+    data = _multiview()
+    one = _fit(algorithm, data)
+    expected = one.predict(_usable(one, data)).tolist()
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), algorithm, results))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        assert all(p.exitcode == 0 for p in procs)
+        results = dict(results)
+    assert results[0] == results[1]
+    labels, n_iter = results[0]
+    assert n_iter == one.n_iter_
+    assert labels == expected

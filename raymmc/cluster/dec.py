@@ -42,10 +42,10 @@ class _KLObjective:
         _, q = forward_in_batches(unwrap(self.net), self.x, device=self.device, batch_size=self.eval_batch)
         return target_distribution(q, global_soft_frequency(q, self.ops)), q.argmax(1)
 
-    def loss(self, idx: np.ndarray, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, idx: np.ndarray, p: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
         i = torch.from_numpy(idx)
         _, q = self.net(self.x[i].to(self.device))
-        return {"loss": kl_div(p[i].to(self.device), q)}
+        return {"loss": kl_div(p[i].to(self.device), q) * weight}
 
 
 class DEC(ConfiguredView, SelfTrainingClusterer):
@@ -66,11 +66,14 @@ class DEC(ConfiguredView, SelfTrainingClusterer):
         return {self.config.view: build_autoencoder(dims[0], self.config.ae)}
 
     def _pretrain_sets(self, rows):
-        return {self.config.view: (rows["x"], self.config.ae)}
+        return {self.config.view: (rows["x"], None, self.config.ae)}
+
+    def _items(self, data: MultiViewData) -> np.ndarray:
+        return super()._items(data)[self._features(data)[1]]
 
     def _initialise(self, aes, rows, ops) -> torch.nn.Module:
         encoder = aes[self.config.view].encoder
-        centers = self._init_kmeans(self._embed_rows(encoder, rows["x"]), ops)
+        centers = self._init_kmeans(self._embed_rows(encoder, rows["x"]), rows["key"], ops)
         return ClusteringHead(encoder, centers, self.config.cluster.alpha)
 
     def _empty_net(self, dims: list[int]) -> torch.nn.Module:

@@ -60,6 +60,7 @@ from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.checkpoint import Phase, Resume
 from raymmc.cluster.deep import DeepClusterer
 from raymmc.cluster.kmeans import InitConfig, NearestCentroid, init_centroids, kmeans, squared_distances
+from raymmc.cluster.lloyd import item_keys
 from raymmc.cluster.nets import broadcast_buffers, forward_in_batches, unwrap
 from raymmc.cluster.pretrain import pretrain_autoencoder
 from raymmc.cluster.sampler import EpochSampler, check_min_batch, steps_per_epoch
@@ -295,8 +296,10 @@ class DM2C(NearestCentroid, DeepClusterer):
         self.target_ = self._choose_target(rows, ops)
         z = self._embed_tensor(data).cpu()
         init = InitConfig(nredo=cfg.kmeans_nredo, niter=cfg.kmeans_niter, sample=cfg.kmeans_sample)
+        # the k-means sample keyed by item: the same rows for any worker count
+        priority = self.streams.row_keys(item_keys(data.ids, data.extra.get("index"), len(data)))
         self.cluster_centers_ = init_centroids(z, self.n_clusters, init, ops, seed=self._kmeans_seed(),
-                                               rng=self.streams.generator("kmeans_sample")).numpy()
+                                               priority=priority).numpy()
         self.n_iter_ = self.counters_["gen_steps"]
         self.labels_ = squared_distances(z.numpy(), self.cluster_centers_).argmin(1)
 

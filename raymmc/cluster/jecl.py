@@ -81,19 +81,20 @@ def global_mean_assignment(q: torch.Tensor, weight: torch.Tensor, ops: GlobalOps
 
 
 def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor,
-              beta: float, gamma: float, align: bool = True, regularize: bool = True, ops: GlobalOps = LOCAL
-              ) -> dict[str, torch.Tensor]:
+              beta: float, gamma: float, align: bool = True, regularize: bool = True, ops: GlobalOps = LOCAL,
+              weight: float = 1.0) -> dict[str, torch.Tensor]:
     """JECL's loss on a batch; every term but the regulariser is summed over the batch rows and divided by
-    the batch size (rows without a view contribute nothing to that view's terms). The regulariser is on the
-    mean assignment of the global batch (every worker's, through ``ops``): the paper's batch mean, whatever
-    the worker count. Returns all terms and their weighted sum under ``"loss"``."""
+    the batch size (rows without a view contribute nothing to that view's terms), times ``weight`` (a
+    keyed sampler's, see raymmc.cluster.sampler). The regulariser is on the mean assignment of the global
+    batch (every worker's, through ``ops``): the paper's batch mean, whatever the worker count. Returns all
+    terms and their weighted sum under ``"loss"``."""
     hi = has_image.to(q.dtype)
     ht = has_text.to(q.dtype)
     n = max(q.shape[0], 1)
-    terms = {"kl_image": kl_div(p, q, hi), "kl_text": kl_div(p, r, ht)}
+    terms = {"kl_image": kl_div(p, q, hi) * weight, "kl_text": kl_div(p, r, ht) * weight}
     total = terms["kl_image"] + terms["kl_text"]
     both = hi * ht
-    terms["jsd"] = (jsd(q, r) * both).sum() / n
+    terms["jsd"] = (jsd(q, r) * both).sum() / n * weight
     if align:
         total = total + beta * terms["jsd"]
     reg = q.new_zeros(())
@@ -135,12 +136,12 @@ class _JECLObjective:
         p = joint_target(q, rt, f, g, c.lam, has_text=r["ht"], has_image=r["hi"])
         return p, combine(q, rt, r["hi"], r["ht"], c.lam).argmax(1)
 
-    def loss(self, idx: np.ndarray, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, idx: np.ndarray, p: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
         c, i, dev = self.cfg, torch.from_numpy(idx), self.device
         r = self.rows
         _, q, _, rt = self.net(r["x"][i].to(dev), r["t"][i].to(dev))
         return jecl_loss(p[i].to(dev), q, rt, r["hi"][i].to(dev), r["ht"][i].to(dev), c.beta, c.gamma, c.align,
-                         c.regularize, self.ops)
+                         c.regularize, self.ops, weight=weight)
 
 
 class JECL(SelfTrainingClusterer):
@@ -169,8 +170,8 @@ class JECL(SelfTrainingClusterer):
                 "text": build_autoencoder(dims[1], self.config.text_ae)}
 
     def _pretrain_sets(self, rows):
-        return {"image": (rows["x"][rows["hi"]], self.config.image_ae),
-                "text": (rows["t"][rows["ht"]], self.config.text_ae)}
+        return {"image": (rows["x"], rows["hi"], self.config.image_ae),
+                "text": (rows["t"], rows["ht"], self.config.text_ae)}
 
     def _initialise(self, aes, rows, ops) -> torch.nn.Module:
         c, k = self.config, self.n_clusters
@@ -178,9 +179,10 @@ class JECL(SelfTrainingClusterer):
         hi, ht = rows["hi"], rows["ht"]
         self.perm_, self.init_agreement_ = np.arange(k), None
         if c.init_mode == "joint":
-            mu, nu = self._joint_init(z, v, hi, ht, ops)
+            mu, nu = self._joint_init(z, v, hi, ht, rows["key"], ops)
         elif c.init_mode == "per_view":
-            mu, nu = self._init_kmeans(z[hi], ops, 0), self._init_kmeans(v[ht], ops, 1)
+            mu, nu = self._init_kmeans(z[hi], rows["key"][hi], ops, 0), \
+                self._init_kmeans(v[ht], rows["key"][ht], ops, 1)
             if c.match_clusters:  # text clusters matched to image clusters on the items with both views
                 both = hi & ht
                 la, lb = torch.cdist(z[both], mu).argmin(1), torch.cdist(v[both], nu).argmin(1)
@@ -195,7 +197,7 @@ class JECL(SelfTrainingClusterer):
         return TwoViewClusteringNet(ClusteringHead(aes["image"].encoder, mu, c.cluster.alpha),
                                     ClusteringHead(aes["text"].encoder, nu, c.cluster.alpha))
 
-    def _joint_init(self, z, v, hi, ht, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
+    def _joint_init(self, z, v, hi, ht, key, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means on [z, v] (items with both views; each block scaled by its global mean norm),
         centroids split back into mu (image) and nu (text) as per-cluster means of z and v."""
         k = self.n_clusters
@@ -206,7 +208,7 @@ class JECL(SelfTrainingClusterer):
         sz = float(norms[0] / max(float(norms[2]), 1.0)) or 1.0
         sv = float(norms[1] / max(float(norms[2]), 1.0)) or 1.0
         joint = torch.cat([zb / sz, vb / sv], dim=1)
-        cent = self._init_kmeans(joint, ops)
+        cent = self._init_kmeans(joint, key[both], ops)
         onehot = torch.nn.functional.one_hot(torch.cdist(joint, cent).argmin(1), k).double()
         sums = ops.all_reduce_sum(torch.cat([onehot.T @ zb.double(), onehot.T @ vb.double(),
                                              onehot.sum(0)[:, None]], dim=1))

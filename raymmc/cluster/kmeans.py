@@ -3,7 +3,6 @@ initialisation), and the k-means baseline estimator."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,8 +14,8 @@ from raymmc.cluster.base import LOCAL, Clusterer, GlobalOps, MultiViewData
 from raymmc.cluster.calibration import discriminant_variance, gaussian_posterior
 from raymmc.cluster.lloyd import NearestSearch, item_keys, lloyd, shard_sample
 from raymmc.cluster.seeding import Stream, derive_seed
-from raymmc.hashing import keyed_priority
 from raymmc.cluster.views import ConfiguredView, view_matrix
+from raymmc.hashing import keyed_priority
 
 
 @dataclass
@@ -95,25 +94,19 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 100, nredo: int
     return best.centroids.copy(), labels[:, 0].astype(np.int64), float(dist.sum())
 
 
-def gather_sample(z: torch.Tensor, max_total: int, ops: GlobalOps, rng: np.random.Generator) -> torch.Tensor:
-    """At most ``max_total`` rows of ``z`` over all workers (each worker draws its share at random)."""
-    per_worker = max(1, math.ceil(max_total / max(ops.world_size, 1)))
-    if len(z) > per_worker:
-        z = z[torch.from_numpy(np.sort(rng.choice(len(z), per_worker, replace=False)))]
-    return ops.all_gather_cat(z.detach().float().cpu().contiguous())
-
-
 def init_centroids(z: torch.Tensor, k: int, cfg: InitConfig, ops: GlobalOps, *, seed: int,
-                   rng: np.random.Generator, use_gpu: bool = True) -> torch.Tensor:
-    """FAISS k-means (``nredo`` restarts) on a gathered sample of the local embeddings ``z``, run once
-    on rank 0 and broadcast. Returns (k, d) float32 centroids on the CPU."""
-    sample = gather_sample(z, cfg.sample, ops, rng)
-    if len(sample) < k:  # the same gathered sample on every worker: all refuse together
-        raise ValueError(f"k-means initialisation needs at least k={k} points over all workers, got {len(sample)}")
+                   priority: np.ndarray, use_gpu: bool = True) -> torch.Tensor:
+    """FAISS k-means (``nredo`` restarts) on the (at most ``cfg.sample``) rows of lowest ``priority`` over all
+    workers (a keyed hash per item: the same sample, in the same order, for any worker count), run once on
+    rank 0 and broadcast. Returns (k, d) float32 centroids on the CPU."""
+    sample = shard_sample(z.detach().float().cpu().numpy(), np.asarray(priority, dtype=np.uint64), cfg.sample, ops)
+    size = int(ops.broadcast(torch.tensor([len(sample)], dtype=torch.int64), src=0)[0]) if ops.world_size > 1 \
+        else len(sample)
+    if size < k:  # rank 0's count on every worker: all refuse together
+        raise ValueError(f"k-means initialisation needs at least k={k} points over all workers, got {size}")
     cent = torch.zeros(k, z.shape[1])
     if ops.rank == 0:
-        cent = torch.from_numpy(kmeans(sample.numpy(), k, seed=seed, niter=cfg.niter, nredo=cfg.nredo,
-                                       use_gpu=use_gpu)[0])
+        cent = torch.from_numpy(kmeans(sample, k, seed=seed, niter=cfg.niter, nredo=cfg.nredo, use_gpu=use_gpu)[0])
     return ops.broadcast(cent, src=0) if ops.world_size > 1 else cent
 
 

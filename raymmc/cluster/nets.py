@@ -74,13 +74,17 @@ class AutoEncoder(nn.Module):
         self.in_dim, self.latent = in_dim, latent
         _dec_init(self, init_std)
 
-    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.noise > 0:
-            return nn.functional.dropout(x, self.noise, training=True) * (1.0 - self.noise)
-        return x
+    def corrupt(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Masking noise in training mode: ``keep`` (a bool mask of x's shape, drawn by the caller, e.g. keyed
+        by item so that it does not depend on the worker) or, without it, dropout from torch's generator."""
+        if not self.training or self.noise <= 0:
+            return x
+        if keep is not None:
+            return x * keep.to(x.dtype)
+        return nn.functional.dropout(x, self.noise, training=True) * (1.0 - self.noise)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encoder(self.corrupt(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(self.corrupt(x, keep))
         return z, self.decoder(z)
 
 

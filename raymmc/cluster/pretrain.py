@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from raymmc.cluster.base import GlobalOps
+from raymmc.cluster.nets import unwrap
 from raymmc.cluster.sampler import EpochSampler
+from raymmc.hashing import keyed_keep_mask
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,15 +55,20 @@ def pretrain_autoencoder(model: nn.Module, x: torch.Tensor, *, epochs: int, lr: 
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     model.train()
+    noise = float(getattr(unwrap(model), "noise", 0.0))
     for epoch in range(epochs):
         tot = torch.zeros(2, dtype=torch.float64)
         for _ in range(sampler.steps):
             xb = x[torch.from_numpy(sampler.next())].to(device)
-            _, rec = model(xb)
+            # a keyed sampler draws the masking noise from the rows' keys too: the same for any worker count
+            keep = torch.from_numpy(keyed_keep_mask(sampler.noise_keys(), xb.shape[1], noise)).to(device) \
+                if sampler.keyed and noise > 0 else None
+            _, rec = model(xb, keep) if keep is not None else model(xb)
             # An empty batch (a worker with no rows) still joins DDP's gradient all-reduce.
             value = loss(xb, rec) if len(xb) else rec.sum() * 0.0
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            # sampler.weight: DDP's mean of the workers' gradients is then the global batch mean's
+            (value * sampler.weight).backward()
             opt.step()
             tot += torch.tensor([float(value.detach()) * len(xb), len(xb)], dtype=torch.float64)
         tot = ops.all_reduce_sum(tot)

@@ -77,16 +77,27 @@ class RandomStreams:
         self._generators: dict[str, np.random.Generator] = {}
         self._pending: dict[str, Any] = {"samplers": {}, "generators": {}}
 
-    def sampler(self, name: str, n: int, steps: int, min_batch: int = 1) -> "EpochSampler":
-        """A new :class:`EpochSampler` over ``n`` local rows, ``steps`` batches per epoch."""
+    def sampler(self, name: str, n: int, steps: int, min_batch: int = 1, *, keys: np.ndarray | None = None,
+                ops: Any = None) -> "EpochSampler":
+        """A new :class:`EpochSampler` over ``n`` local rows, ``steps`` batches per epoch; keyed by ``keys``
+        (its salt shared by all workers, so their batches are the same for any worker count) when given."""
+        from raymmc.cluster.base import LOCAL
         from raymmc.cluster.sampler import EpochSampler
 
         s = EpochSampler(n, steps, seeded_generator(self.seed, Stream.BATCHES, self.rank, name, self.generation),
-                         min_batch=min_batch)
+                         min_batch=min_batch, keys=keys, salt=derive_seed(self.seed, Stream.BATCHES, None, name),
+                         ops=ops if ops is not None else LOCAL)
         if name in self._pending["samplers"]:
             s.load_state_dict(self._pending["samplers"].pop(name))
         self._samplers[name] = s
         return s
+
+    def row_keys(self, items: np.ndarray) -> np.ndarray:
+        """uint64 keys of the local rows for keyed samplers and samples, from the items' stable keys (ids):
+        the same on any worker."""
+        from raymmc.cluster.sampler import row_keys
+
+        return row_keys(items, derive_seed(self.seed, Stream.BATCHES, None, "rows"))
 
     def generator(self, name: str) -> np.random.Generator:
         """The worker's generator for ``name`` (e.g. which rows go into a gathered sample)."""

@@ -17,17 +17,18 @@ from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.checkpoint import Phase, Resume
 from raymmc.cluster.deep import DeepClusterer
 from raymmc.cluster.kmeans import InitConfig, init_centroids
+from raymmc.cluster.lloyd import item_keys
 from raymmc.cluster.losses import label_change_fraction
 from raymmc.cluster.nets import forward_in_batches
 from raymmc.cluster.pretrain import AEConfig, pretrain_autoencoder
 from raymmc.cluster.sampler import EpochSampler, steps_per_epoch
+from raymmc.hashing import mix64
 
 
 @dataclass
@@ -81,8 +82,10 @@ class Objective(Protocol):
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(p, labels)`` over the local shard from the current weights (eval mode, no randomness)."""
 
-    def loss(self, idx: np.ndarray, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss terms of the batch ``idx`` (``"loss"`` is minimised); ``p`` the whole local target."""
+    def loss(self, idx: np.ndarray, p: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
+        """The loss terms of the batch ``idx`` (``"loss"`` is minimised); ``p`` the whole local target; every
+        per-row (batch-mean) term multiplied by ``weight`` (the sampler's: under DDP the mean of the workers'
+        gradients is then the global batch mean's), terms of global-batch statistics not."""
 
 
 def make_optimizer(params, cfg: SelfTrainingConfig) -> torch.optim.Optimizer:
@@ -120,13 +123,15 @@ def self_train(objective: Objective, optimizer: torch.optim.Optimizer, sampler: 
             if cfg.checkpoint_every and state.updates % cfg.checkpoint_every == 0:
                 checkpoint(LoopState(**asdict(state)))
         idx = sampler.next()
-        terms = objective.loss(idx, p)
+        terms = objective.loss(idx, p, sampler.weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
+        # x sampler.rows (this worker's share of the global batch): summed over workers and steps and divided
+        # by the rows, each term is its mean over the interval, per-row and global-batch terms alike
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
-        rows += len(idx)
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * sampler.rows
+        rows += sampler.rows
         step += 1
     state.step = step
     return state
@@ -148,8 +153,10 @@ class SelfTrainingClusterer(DeepClusterer):
     def _autoencoders(self, dims: list[int]) -> dict[str, nn.Module]:
         raise NotImplementedError
 
-    def _pretrain_sets(self, rows: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, AEConfig]]:
-        """view name -> (its local rows, its AEConfig); keys match :meth:`_autoencoders`."""
+    def _pretrain_sets(self, rows: dict[str, torch.Tensor]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, AEConfig]]:
+        """view name -> (a tensor of the training rows, a bool mask of the rows that view pretrains on or None
+        for all, its AEConfig); names match :meth:`_autoencoders`."""
         raise NotImplementedError
 
     def _initialise(self, aes: dict[str, nn.Module], rows: dict[str, torch.Tensor], ops: GlobalOps) -> nn.Module:
@@ -172,6 +179,8 @@ class SelfTrainingClusterer(DeepClusterer):
     def _fit(self, data: MultiViewData, ops: GlobalOps, resume: Resume | None) -> None:
         rows = self._rows(data)
         n_local = len(next(iter(rows.values())))
+        # batches, masking noise and the k-means sample keyed by item: the same for any worker count
+        rows["key"] = torch.from_numpy(self.streams.row_keys(self._items(data)).view(np.int64))
         phase = resume.phase if resume is not None else None
         if phase in (None, Phase.PRETRAINED):
             self.dims_ = [int(t.shape[1]) for t in rows.values() if t.ndim == 2]
@@ -194,7 +203,8 @@ class SelfTrainingClusterer(DeepClusterer):
         opt = make_optimizer(net.parameters(), cfg)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
-        sampler = self.streams.sampler("self_training", n_local, steps_per_epoch(n_local, cfg.batch_size, ops))
+        sampler = self.streams.sampler("self_training", n_local, steps_per_epoch(n_local, cfg.batch_size, ops),
+                                       keys=self.row_keys(rows["key"]), ops=ops)
 
         def save(state: LoopState) -> None:
             self._checkpoint(Phase.SELF_TRAINING, ops, {"model": self.state_dict(), "loop": asdict(state),
@@ -208,19 +218,34 @@ class SelfTrainingClusterer(DeepClusterer):
         self.labels_ = np.full(len(data), -1, dtype=np.int64)
         self.labels_[usable] = self.predict(data.subset(np.flatnonzero(usable)))
 
+    def _items(self, data: MultiViewData) -> np.ndarray:
+        """The stable keys (ids, else global row index) of the training rows, in ``_rows``' order."""
+        return item_keys(data.ids, data.extra.get("index"), len(data))
+
+    @staticmethod
+    def row_keys(key: torch.Tensor) -> np.ndarray:
+        """``rows["key"]`` (or a subset of it) back to uint64."""
+        return key.numpy().view(np.uint64)
+
     def _pretrain(self, aes: dict[str, nn.Module], rows: dict[str, torch.Tensor], ops: GlobalOps) -> None:
-        for view, (x, a) in self._pretrain_sets(rows).items():
-            sampler = self.streams.sampler(f"pretrain_{view}", len(x), steps_per_epoch(len(x), a.batch_size, ops))
+        for view, (x, mask, a) in self._pretrain_sets(rows).items():
+            key = rows["key"]
+            if mask is not None:
+                x, key = x[mask], key[mask]
+            sampler = self.streams.sampler(f"pretrain_{view}", len(x), steps_per_epoch(len(x), a.batch_size, ops),
+                                           keys=self.row_keys(key), ops=ops)
             pretrain_autoencoder(self.wrap(aes[view]), x, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
                                  sampler=sampler, ops=ops, device=self.device, report=self._report, view=view)
 
     def _embed_rows(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward_in_batches(encoder, x, device=self.device, batch_size=self.config.eval_batch_size)[0]
 
-    def _init_kmeans(self, z: torch.Tensor, ops: GlobalOps, index: int = 0) -> torch.Tensor:
+    def _init_kmeans(self, z: torch.Tensor, key: torch.Tensor, ops: GlobalOps, index: int = 0) -> torch.Tensor:
+        """k-means centroids of the embeddings ``z`` of the rows ``key`` (a subset of ``rows["key"]``)."""
         c = self.config
+        salt = np.uint64(self._kmeans_seed(index))
         return init_centroids(z, self.n_clusters, c.init, ops, seed=self._kmeans_seed(index),
-                              rng=self.streams.generator(f"kmeans_sample_{index}"), use_gpu=c.use_gpu_kmeans)
+                              priority=mix64(self.row_keys(key) ^ salt), use_gpu=c.use_gpu_kmeans)
 
     def _check_fitted(self) -> nn.Module:
         return self._fitted("net_")
