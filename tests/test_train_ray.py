@@ -1,5 +1,6 @@
-"""Data-parallel training under Ray Train's TorchTrainer: the distributed math equals the
-single-process math, and a killed worker resumes from its checkpoint."""
+"""Data-parallel training under Ray Train's TorchTrainer: a killed worker resumes from its checkpoint, an
+interrupted `raymmc run` resumes, MMDC checkpoints per epoch. (1 vs N workers fitting the same model:
+tests/test_train_ops.py on a gloo group, tests/test_real_archive.py under Ray Train on a real archive.)"""
 
 import os
 import signal
@@ -62,16 +63,6 @@ def test_exact_shards_cover_every_row_once_in_order(ray_session, world):
         exact_shards(ray_session.data.range(10), 11)
 
 
-def test_one_and_two_workers_agree(ray_session, features, tmp_path):
-    table, y = features
-    local = make_clusterer("jecl", 5, PARAMS, seed=0).fit(table_to_multiview(table)).predict(table_to_multiview(table))
-    one, _ = _fit(ray_session, table, 1, tmp_path, "w1")
-    two, _ = _fit(ray_session, table, 2, tmp_path, "w2")
-    assert nmi(y, local) > 0.95  # the data are separable: the math must find them
-    assert nmi(one, two) >= 0.98
-    assert nmi(local, two) >= 0.98
-
-
 def _train_workers() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
@@ -118,7 +109,7 @@ def test_interrupted_run_resumes(ray_session, bad_archive, feature_cache, tmp_pa
 
     repo = Path(__file__).resolve().parents[1]
     sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf", "ray.num_cpus=2",
-            "cluster.params.jecl.cluster.max_iter=600", "cluster.params.jecl.cluster.checkpoint_every=1",
+            "cluster.params.jecl.cluster.max_iter=300", "cluster.params.jecl.cluster.checkpoint_every=1",
             "cluster.params.jecl.image_ae.epochs=12", "cluster.params.jecl.text_ae.epochs=12",
             "cluster.params.jecl.cluster.tol=0", "report=false", f"extract.cache={feature_cache}"]
     cmd = [sys.executable, "-m", "raymmc.cli", "run", "--input", bad_archive["uri"], "--output", str(tmp_path),
