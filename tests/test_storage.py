@@ -18,6 +18,24 @@ def test_local_roundtrip_and_listing(tmp_path):
     assert files[0].uri.endswith("a/b/y.parquet")
 
 
+def test_a_writer_killed_mid_file_leaves_nothing_a_reader_sees(tmp_path):
+    """A feature file's name claims its rows: a half-written one (a killed extraction) must never appear."""
+    uri = str(tmp_path / "rows-000000000000-000000000009.parquet")
+
+    def dies_mid_file(fs, path):
+        with fs.open_output_stream(path) as f:
+            f.write(b"PAR1 half a file")
+        raise KeyboardInterrupt  # the process is killed here
+
+    with pytest.raises(KeyboardInterrupt):
+        storage._publish(uri, None, dies_mid_file)
+    assert list(tmp_path.iterdir()) == []
+    table = pa.table({"id": [str(i) for i in range(10)]})
+    storage.write_parquet(uri, table)
+    assert [p.name for p in tmp_path.iterdir()] == ["rows-000000000000-000000000009.parquet"]
+    assert pq.read_table(uri).equals(table)
+
+
 def test_missing_local_input_is_a_clear_error(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         storage.list_files(str(tmp_path / "nope"))

@@ -320,7 +320,7 @@ def fingerprint(extract_cfg: Any, shards: list[Shard], seed: int, modalities: fr
 
 def write_feature_batch(batch: pa.Table, root: str, keys: dict[str, str], storage: StorageOptions) -> pa.Table:
     """Write a batch into the cache, one file per contiguous row range of each input file."""
-    from raymmc.io.storage import join, resolve as _resolve
+    from raymmc.io.storage import join, write_parquet
 
     written = {"key": [], "first": [], "last": []}
     nodes = sorted({n for c in NODE_COLUMNS if c in batch.column_names for n in batch.column(c).unique().to_pylist()
@@ -334,10 +334,9 @@ def write_feature_batch(batch: pa.Table, root: str, keys: dict[str, str], storag
         breaks = np.flatnonzero(np.diff(rows[idx]) != 1) + 1
         for run in np.split(idx, breaks):
             first, last = int(rows[run[0]]), int(rows[run[-1]])
-            uri = join(root, keys[src], f"rows-{first:012d}-{last:012d}.parquet")
-            fs, path = _resolve(uri, storage)
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(batch.take(pa.array(run)), path, filesystem=fs)
+            # Atomic: a run killed mid-write must not leave a file whose name claims rows it does not hold.
+            write_parquet(join(root, keys[src], f"rows-{first:012d}-{last:012d}.parquet"), batch.take(pa.array(run)),
+                          storage)
             written["key"].append(keys[src])
             written["first"].append(first)
             written["last"].append(last)

@@ -73,9 +73,7 @@ class RunDir:
     def write_table(self, name: str, table: pa.Table, part: str = "part-00000.parquet") -> str:
         """Write ``table`` as ``<run>/<name>/<part>``."""
         uri = self.path(name, part)
-        fs, path = storage.resolve(uri, self.options)
-        fs.create_dir(storage.resolve(self.path(name), self.options)[1], recursive=True)
-        pq.write_table(table, path, filesystem=fs)
+        storage.write_parquet(uri, table, self.options)
         return uri
 
     def write_parquet(self, name: str, table: pa.Table) -> str:

@@ -152,13 +152,42 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+def _publish(uri: str, options: StorageOptions | None, write: Any) -> None:
+    """Create ``uri`` with ``write(fs, path)`` so that readers never see it half written. An object store
+    publishes an object only when its upload completes (a killed writer leaves nothing); a local or shared file
+    system is written under a hidden temporary name in the same folder (``list_files`` skips dot-files) and then
+    renamed, which is atomic there."""
+    import uuid
+
     fs, path = resolve(uri, options)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if is_remote(uri):
+        write(fs, path)
+        return
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(fs, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    def write(fs: pafs.FileSystem, path: str) -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    _publish(uri, options, write)
+
+
+def write_parquet(uri: str, table: Any, options: StorageOptions | None = None) -> None:
+    """Write ``table`` (a ``pyarrow.Table``) as one Parquet file, atomically (see ``_publish``)."""
+    import pyarrow.parquet as pq
+
+    _publish(uri, options, lambda fs, path: pq.write_table(table, path, filesystem=fs))
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
