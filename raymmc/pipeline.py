@@ -17,7 +17,7 @@ from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
 from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
-from raymmc.io.shards import discover
+from raymmc.io.formats import discover_input
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import evaluate_contingency
 from raymmc.train.trainer import table_to_multiview
@@ -114,6 +114,7 @@ class Prepared:
     duplicates: int
     missing_id: int
     resources: dict
+    input_format: dict | None = None  # the archive format read, and why (raymmc.io.formats.Input.to_dict)
 
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
@@ -126,8 +127,11 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
 
     modalities = used_modalities(cfg)
     with timer("discover"):
-        shards = discover(input_uri, cfg.storage)
-    log(f"input {input_uri}: {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
+        found = discover_input(input_uri, cfg.storage, cfg.archive)
+        shards = found.shards
+    log(f"input {input_uri}: {found.format} ({found.why}); {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
+    if "pixels" in modalities and not any("image" in s.columns for s in shards):
+        raise ConfigError(f"{cfg.cluster.algorithm} clusters pixels, and this {found.format} archive has no images")
     with timer("ray_init"):
         resources = init_ray(cfg.ray)
     with timer("extract"):
@@ -159,7 +163,8 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
     if usable + rejected != stats.rows:  # the accounting invariant, never relaxed
         raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable} usable + {rejected} rejected")
     log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id)")
-    return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources)
+    return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources,
+                    found.to_dict())
 
 
 def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
@@ -255,6 +260,7 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "ray_resources": prep.resources,
         "ray_nodes": alive_nodes(),
         "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
+        "input_format": prep.input_format,
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
                      "files_extracted": stats.files_extracted, "stages": stats.stages},
@@ -326,7 +332,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     """`raymmc run`: cluster an archive and write a run directory."""
     import dataclasses
 
-    from raymmc.io.shards import present_counts
+    from raymmc.io.formats import present_counts
 
     seed_everything(cfg.seed)
     timer = StageTimer()
@@ -334,7 +340,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     input_uri = cfg.input or demo_input(cfg, log)
     extra: dict = {}
     if cfg.cluster.algorithm == "auto":
-        algorithm, why = choose_algorithm(present_counts(discover(input_uri, cfg.storage), cfg.storage))
+        found = discover_input(input_uri, cfg.storage, cfg.archive)
+        algorithm, why = choose_algorithm(present_counts(found.shards, cfg.storage))
         log(f"algorithm auto -> {algorithm}: {why}")
         params = dict(cfg.cluster.params)
         if algorithm == "dec":  # text only: DEC clusters the captions unless told otherwise
