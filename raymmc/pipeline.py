@@ -115,6 +115,7 @@ class Prepared:
     missing_id: int
     resources: dict
     input_format: dict | None = None  # the archive format read, and why (raymmc.io.formats.Input.to_dict)
+    duplicate_images: dict | None = None  # groups of ids with the same image bytes (DuplicateImages.to_dict)
 
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
@@ -149,10 +150,19 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
         fs, _ = storage.resolve(feature_dirs[0], cfg.storage) if feature_dirs else (None, None)
         storage.delete_dir(rundir.path("rejects"), cfg.storage)  # a resumed run writes them again
         rfs, rpath = storage.resolve(rundir.path("rejects"), cfg.storage)
+        image_groups = {"groups": 0, "items": 0, "dropped": 0, "examples": []}
         if files:
             acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
                               n_rows=stats.rows, rejects_path=rpath, rejects_filesystem=rfs)
             dataset, usable, rejected, dups, missing = acc.dataset, acc.usable, acc.rejected, acc.duplicates, acc.missing_id
+            if stats.with_image:  # the same image bytes under several ids: listed, and dropped if asked
+                from raymmc.train.duplicate_images import find_duplicate_images
+
+                dataset, dup_images = find_duplicate_images(
+                    dataset, usable, drop=cfg.archive.duplicate_images == "drop",
+                    shown=cfg.archive.duplicate_groups_shown, rejects_path=rpath, rejects_filesystem=rfs)
+                usable, rejected = usable - dup_images.dropped, rejected + dup_images.dropped
+                image_groups = dup_images.to_dict()
         else:
             dataset, usable, rejected, dups, missing = None, 0, 0, 0, 0
         if rejected == 0:  # an empty rejects/ table, so that every run directory has one
@@ -162,9 +172,11 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             rundir.write_table("rejects", REJECT_SCHEMA.empty_table())
     if usable + rejected != stats.rows:  # the accounting invariant, never relaxed
         raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable} usable + {rejected} rejected")
-    log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id)")
+    log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id); "
+        f"{image_groups['items']} item(s) share an image with another id ({image_groups['groups']} group(s), "
+        f"{image_groups['dropped']} dropped)")
     return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources,
-                    found.to_dict())
+                    found.to_dict(), image_groups)
 
 
 def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
@@ -261,6 +273,7 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "ray_nodes": alive_nodes(),
         "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
         "input_format": prep.input_format,
+        "duplicate_images": prep.duplicate_images,
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
                      "files_extracted": stats.files_extracted, "stages": stats.stages},

@@ -77,6 +77,7 @@ def check_every_item_once(rundir: RunDir, ids: list[str]) -> tuple[dict, dict]:
 
 FAILED = [("900000001", "failed_to_download", "HTTP Error 404: Not Found"),
           ("900000002", "failed_to_resize", "image decoding error")]
+COPY = "800000000"
 
 
 def write_img2dataset(root, items) -> list[str]:
@@ -86,6 +87,8 @@ def write_img2dataset(root, items) -> list[str]:
     rows = [{"url": f"https://example.org/{k}.png", "caption": c, "key": k, "status": "success",
              "error_message": None, "width": 256, "height": 256, "original_width": 512, "original_height": 512,
              "exif": "{}", "sha256": None, "jpg": img, "label": lab} for k, img, c, lab in items]
+    # the first image again under another key (a mirror of the same picture)
+    rows.append(dict(rows[0], key=COPY, url="https://mirror.example.org/a.png", caption="the same picture"))
     rows += [{"url": f"https://example.org/{k}.png", "caption": "lost", "key": k, "status": st,
               "error_message": err, "width": None, "height": None, "original_width": None, "original_height": None,
               "exif": None, "sha256": None, "jpg": None, "label": None} for k, st, err in FAILED]
@@ -115,11 +118,14 @@ def test_img2dataset_reader(tmp_path, items):
 def test_img2dataset_run(ray_session, tmp_path, items, feature_cache):
     keys = write_img2dataset(tmp_path / "i2d", items)
     rundir = run_cli(str(tmp_path / "i2d"), tmp_path, "i2d", feature_cache, *IMAGE_ONLY,
-                     "--set", "archive.label_column=label")
+                     "--set", "archive.label_column=label", "--set", "archive.duplicate_images=drop")
     assigned, rejected = check_every_item_once(rundir, keys)
-    assert rejected == {k: f"img2dataset status {st}: {err}" for k, st, err in FAILED}
+    assert rejected == {**{k: f"img2dataset status {st}: {err}" for k, st, err in FAILED},
+                        COPY: f"duplicate image: same bytes as {items[0][0]}"}
     manifest = rundir.read_json("manifest.json")
     assert manifest["input_format"]["format"] == "img2dataset" and "key" in manifest["input_format"]["why"]
+    assert manifest["duplicate_images"] == {"groups": 1, "items": 2, "dropped": 1,
+                                            "examples": [{"size": 2, "ids": [items[0][0], COPY]}]}
     assert rundir.read_json("metrics.json")["n_labeled"] == len(items)
 
 
