@@ -249,13 +249,13 @@ def empty_assignments_table() -> pa.Table:
     return empty_assignments().select(ASSIGNMENT_COLUMNS)
 
 
-def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str) -> str:
+def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str, shards: list = ()) -> str:
     """report/: from the run's bounded summary; the images of the shown items are read from their shards."""
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
     return render(rundir, summary, metrics=metrics, title=title, top_images=cfg.summary.top_images,
-                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage))
+                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage, shards))
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
@@ -381,7 +381,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     extra["nodes"] = {"extract": prep.stats.nodes, "cluster": train_nodes(extra["train"]), "predict": predict_nodes}
     if cfg.report and summary is not None:
         with timer("report"):
-            report = write_report(rundir, cfg, summary, metrics,
+            report = write_report(rundir, cfg, summary, metrics, shards=prep.shards,
                                   title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
         log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)

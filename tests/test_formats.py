@@ -195,7 +195,7 @@ def test_webdataset_corrupt_tar_names_the_file(tmp_path, items):
 def test_webdataset_run(ray_session, tmp_path, items, feature_cache):
     wds = write_webdataset(tmp_path / "wds", items)
     rundir = run_cli(str(tmp_path / "wds"), tmp_path, "wds", feature_cache, *IMAGE_ONLY,
-                     "--input-format", "webdataset")
+                     "--input-format", "webdataset", "--set", "report=true")
     assigned, rejected = check_every_item_once(rundir, wds["ids"])
     # image-only run: the corrupt .jpg leaves nothing to cluster on, with the decoder's reason
     assert rejected[wds["corrupt"]].startswith("image: ")
@@ -205,6 +205,8 @@ def test_webdataset_run(ray_session, tmp_path, items, feature_cache):
     assert manifest["input_format"] == {"format": "webdataset", "why": "set by archive.format (--input-format)",
                                         "precomputed": []}
     assert len(manifest["inputs"]["files"]) == 2  # one read task per tar
+    # the report's pictures are read back out of the tars
+    assert rundir.read_bytes("report/index.html").decode().count("data:image/") >= 6
 
 
 # --- COCO ----------------------------------------------------------------------------------------------------
