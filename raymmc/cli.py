@@ -91,7 +91,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
     from raymmc.pipeline import assign
 
     opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    result = assign(args.model, args.input, args.output, run_name=args.run_name, storage_options=opts)
+    result = assign(args.model, args.input, args.output, run_name=args.run_name, storage_options=opts,
+                    input_format=args.input_format)
     print(f"\nassignments: {result.run_uri}")
     print("cluster sizes: " + json.dumps(result.metrics["cluster_sizes"]))
     return 0
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_as.add_argument("--input", required=True, help="archive URI of the new items")
     p_as.add_argument("--output", required=True, help="where the assignment run directory is created")
     p_as.add_argument("--run-name")
+    p_as.add_argument("--input-format", choices=FORMATS, help="format of the new items (default: the run's "
+                      "archive.format, auto unless it was set)")
     p_as.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p_as.set_defaults(func=cmd_assign)
 

@@ -155,7 +155,8 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
                               n_rows=stats.rows, rejects_path=rpath, rejects_filesystem=rfs)
             dataset, usable, rejected, dups, missing = acc.dataset, acc.usable, acc.rejected, acc.duplicates, acc.missing_id
-            if stats.with_image:  # the same image bytes under several ids: listed, and dropped if asked
+            if stats.with_image and any("image" in s.columns for s in shards):
+                # the same image bytes under several ids: listed, and dropped if asked
                 from raymmc.train.duplicate_images import find_duplicate_images
 
                 dataset, dup_images = find_duplicate_images(
@@ -355,8 +356,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     if cfg.cluster.algorithm == "auto":
         found = discover_input(input_uri, cfg.storage, cfg.archive)
         algorithm, why = choose_algorithm(present_counts(found.shards, cfg.storage))
-        log(f"algorithm auto -> {algorithm}: {why}")
         params = dict(cfg.cluster.params)
+        if algorithm == "mmdc" and "image" in found.to_dict()["precomputed"]:
+            algorithm, why = "dec", f"{why}; but the images are precomputed vectors (no pixels): DEC on them"
+            params["dec"] = {"view": "image", **(params.get("dec") or {})}
+        log(f"algorithm auto -> {algorithm}: {why}")
         if algorithm == "dec":  # text only: DEC clusters the captions unless told otherwise
             params["dec"] = {"view": "text", **(params.get("dec") or {})}
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm, params=params))
@@ -408,7 +412,8 @@ def resume(run_uri: str, storage_options: StorageOptions | None = None,
 
 
 def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,
-           storage_options: StorageOptions | None = None, log: Callable[[str], None] = print) -> RunResult:
+           storage_options: StorageOptions | None = None, log: Callable[[str], None] = print,
+           input_format: str | None = None) -> RunResult:
     """`raymmc assign`: put new items into an existing run's clusters, without retraining.
     Features come from the same encoders (the run's fitted text encoder included)."""
     import dataclasses
@@ -426,6 +431,8 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     cfg = from_dict(RunConfig, src_manifest["config"])
     if storage_options is not None:
         cfg = dataclasses.replace(cfg, storage=storage_options)
+    if input_format is not None:  # the new items may come in another format than the run's
+        cfg = dataclasses.replace(cfg, archive=dataclasses.replace(cfg.archive, format=input_format))
     seed_everything(cfg.seed)
     timer = StageTimer()
     rundir = RunDir(storage.join(output, name), cfg.storage).create()

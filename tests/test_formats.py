@@ -24,8 +24,12 @@ from raymmc.io.shards import ShardError
 
 CLASSES = ("animals", "food", "town")
 PER_CLASS = 8
-# Image features only (MobileNetV2): the runs stay short; captions are checked by the readers' tests.
+# One view per run keeps the runs short: image features (MobileNetV2) for the WebDataset run, TF-IDF caption
+# features (fitted on the archive's captions, read through the format's reader) for img2dataset and COCO; images
+# are decoded (and hashed) in every run.
 IMAGE_ONLY = ["--set", "extract.text.model=none", "--set", "cluster.kmeans.view=image"]
+TEXT_ONLY = ["--set", "extract.image.model=none", "--set", "extract.text.model=tfidf",
+             "--set", "extract.text.tfidf.dims=16", "--set", "cluster.kmeans.view=text"]
 
 
 def jpeg(png: bytes) -> bytes:
@@ -117,7 +121,7 @@ def test_img2dataset_reader(tmp_path, items):
 
 def test_img2dataset_run(ray_session, tmp_path, items, feature_cache):
     keys = write_img2dataset(tmp_path / "i2d", items)
-    rundir = run_cli(str(tmp_path / "i2d"), tmp_path, "i2d", feature_cache, *IMAGE_ONLY,
+    rundir = run_cli(str(tmp_path / "i2d"), tmp_path, "i2d", feature_cache, *TEXT_ONLY,
                      "--set", "archive.label_column=label", "--set", "archive.duplicate_images=drop")
     assigned, rejected = check_every_item_once(rundir, keys)
     assert rejected == {**{k: f"img2dataset status {st}: {err}" for k, st, err in FAILED},
@@ -250,12 +254,12 @@ def test_coco_reader(tmp_path, items):
 
 def test_coco_run(ray_session, tmp_path, items, feature_cache):
     coco = write_coco(tmp_path / "coco", items)
-    rundir = run_cli(str(tmp_path / "coco"), tmp_path, "coco", feature_cache, *IMAGE_ONLY,
+    rundir = run_cli(str(tmp_path / "coco"), tmp_path, "coco", feature_cache, *TEXT_ONLY,
                      "--set", "archive.label_column=label")
     assigned, rejected = check_every_item_once(rundir, coco["ids"])
-    assert rejected == {coco["missing"]: f"image: cannot read {int(coco['missing']):012d}.jpg (FileNotFoundError); "
-                                         "caption present but this run does not use text"}
-    assert coco["uncaptioned"] in assigned
+    assert rejected == {coco["uncaptioned"]: "image present but this run does not use images; no caption"}
+    missing = assigned[coco["missing"]]  # clustered on its two captions, with the reason its image is missing
+    assert not missing["has_image"] and missing["note"].startswith(f"image: cannot read {int(coco['missing']):012d}.jpg")
     assert rundir.read_json("manifest.json")["input_format"]["format"] == "coco"
 
 
@@ -350,3 +354,14 @@ def test_embeddings_run_vector_column(ray_session, tmp_path):
     assert rejected[col["inf"]].startswith("image: vector not finite")
     assert rejected[col["null"]] == "no image; caption present but this run does not use text"
     assert rundir.read_json("manifest.json")["encoders"]["image"] == {"model": "precomputed", "dim": 12}
+
+
+def test_webdataset_compressed_tar(tmp_path, items):
+    (tmp_path / "gz").mkdir()
+    with tarfile.open(tmp_path / "gz" / "00000.tar.gz", "w:gz") as tf:
+        for key, img, cap, _ in items[:3]:
+            add(tf, f"{key}.jpg", img)
+            add(tf, f"{key}.txt", cap.encode())
+    fmt, t = read_all(str(tmp_path / "gz"))
+    assert fmt == "webdataset" and t.column("id").to_pylist() == [k for k, *_ in items[:3]]
+    assert t.column("caption").to_pylist() == [c for _, _, c, _ in items[:3]]

@@ -32,6 +32,7 @@ from raymmc.io.storage import StorageError, StorageOptions, list_files, resolve
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TEXT_FIELDS = ("txt", "text", "caption")
+COUNT_THREADS = 16  # tars whose headers are read at once at discovery (I/O-bound: object-store round trips)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -69,15 +70,25 @@ def samples(fileobj, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def count_samples(uri: str, path: str, fs) -> int:
-    """Samples in a tar, from its member headers."""
+    """Samples in a tar, from its member headers. An uncompressed tar is walked header to header (tarfile seeks
+    past each member's data: 512 bytes read per member, not the archive); a compressed one has to be streamed."""
     n, key = 0, None
-    with fs.open_input_stream(path) as f:
-        for m, _ in _members(f, uri):
-            if not m.isfile() or posixpath.basename(m.name).startswith("."):
-                continue
-            k, field = split_key(m.name)
-            if field and k != key:
-                n, key = n + 1, k
+    plain = path.endswith(".tar")
+    try:
+        f = fs.open_input_file(path) if plain else fs.open_input_stream(path)
+    except (OSError, FileNotFoundError) as exc:
+        raise StorageError(f"cannot read {uri}: {exc}") from exc
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:" if plain else "r|*")
+            for m in tf:
+                if not m.isfile() or posixpath.basename(m.name).startswith("."):
+                    continue
+                k, field = split_key(m.name)
+                if field and k != key:
+                    n, key = n + 1, k
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise ShardError(f"{uri}: unreadable tar data ({exc})") from exc
     return n
 
 
@@ -89,11 +100,15 @@ def sidecar_of(path: str) -> str:
 
 
 def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> list[Shard]:
+    from concurrent.futures import ThreadPoolExecutor
+
     fs, _ = resolve(uri, options)
-    entries = [e for s in SUFFIXES for e in list_files(uri, s, options)]
+    entries = sorted((e for s in SUFFIXES for e in list_files(uri, s, options)), key=lambda e: e.path)
+    # Counting reads headers only, and waits on storage: threads overlap the reads of many tars.
+    with ThreadPoolExecutor(max_workers=COUNT_THREADS) as pool:
+        counts = list(pool.map(lambda e: count_samples(e.uri, e.path, fs), entries))
     shards = []
-    for e in sorted(entries, key=lambda e: e.path):
-        rows = count_samples(e.uri, e.path, fs)
+    for e, rows in zip(entries, counts):
         meta = {"label_column": cfg.label_column or ""}
         side = sidecar_of(e.path)
         info = fs.get_file_info(side)
