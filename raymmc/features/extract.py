@@ -97,8 +97,9 @@ def stage_times(ray_stats: str, rows: int) -> list[dict[str, Any]]:
 # --- stage functions (plain, unit-testable) -----------------------------------------------------
 
 class ShardDatasource(Datasource):
-    """One Ray Data read task per input file (of any archive format: ``raymmc.io.formats``), streaming it. (``from_items`` + a read ``map_batches``
-    hands all files to one task as a single bundle, so files would be read and decoded one after another.)"""
+    """One Ray Data read task per input file of any archive format (``raymmc.io.formats``: a Parquet file, a tar,
+    a COCO annotation file), streaming it. (``from_items`` + a read ``map_batches`` hands all files to one task as
+    a single bundle, so files would be read and decoded one after another.)"""
 
     def __init__(self, shards: list[Shard], storage: StorageOptions, rows_per_batch: int):
         self.shards, self.storage, self.rows_per_batch = shards, storage, rows_per_batch
@@ -430,7 +431,7 @@ def _shard_captions(shard: Shard, decode: DecodeConfig, seed: int, fraction: flo
     if shard.format == "shards":
         table = read_shard(shard, storage, ["id", "caption"])
     else:  # another format: its reader yields the same columns (its captions only are kept here)
-        table = pa.concat_tables(b.select(["id", "caption"]) for b in read_batches(shard, storage, 1024))
+        table = pa.concat_tables([b.select(["id", "caption"]) for b in read_batches(shard, storage, CAPTION_ROWS)])
     ids = _raw_bytes(table, "id")  # bytes: an id need not be valid UTF-8 to key a sample
     keys = [i if i else f"{shard.uri}#{row}" for row, i in enumerate(ids)]
     priority = keyed_priority(keys, seed)
@@ -443,6 +444,9 @@ def _shard_captions(shard: Shard, decode: DecodeConfig, seed: int, fraction: flo
             texts.append(text)
             kept.append(j)
     return priority[np.array(kept, dtype=np.int64)], texts
+
+
+CAPTION_ROWS = 1024  # rows per record batch when another format's captions are sampled for a fitted text encoder
 
 
 def precomputed_views(shards: list[Shard]) -> frozenset[str]:
