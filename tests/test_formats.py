@@ -365,3 +365,40 @@ def test_webdataset_compressed_tar(tmp_path, items):
     fmt, t = read_all(str(tmp_path / "gz"))
     assert fmt == "webdataset" and t.column("id").to_pylist() == [k for k, *_ in items[:3]]
     assert t.column("caption").to_pylist() == [c for _, _, c, _ in items[:3]]
+
+
+def test_text_vectors_beside_image_bytes(tmp_path, items):
+    """Parquet with image bytes and precomputed text vectors: the text view is the vectors, the image view is
+    decoded and encoded as usual."""
+    (tmp_path / "mixed").mkdir()
+    txt, _ = vectors(4, 5, 3)
+    pq.write_table(pa.table({"id": [k for k, *_ in items[:4]], "image": [img for _, img, _, _ in items[:4]],
+                             "clip_text_embedding": pa.array(txt.tolist(), pa.list_(pa.float32(), 5))}),
+                   tmp_path / "mixed" / "part-0.parquet")
+    found = discover_input(str(tmp_path / "mixed"))
+    assert found.format == "embeddings" and found.to_dict()["precomputed"] == ["text"]
+    assert found.shards[0].columns == ("id", "image", "text_feat")
+    _, t = read_all(str(tmp_path / "mixed"))
+    assert t.column("image").to_pylist()[0] == items[0][1]
+    assert np.allclose(np.array(t.column("text_feat").to_pylist()), txt)
+
+
+def test_decode_batch_on_format_records(items):
+    """The decode stage on a reader's records (no Ray): a source reject wins over everything, reader notes are
+    kept, precomputed vectors stand for their view, and decodable images are hashed."""
+    from raymmc.features.decode import DecodeConfig
+    from raymmc.features.extract import decode_batch
+    from raymmc.io.formats.embeddings import feat_array
+    from raymmc.io.formats.records import records
+
+    img = items[0][1]
+    t = records(["a", "b", "c"], [img, img, None], ["x", "y", "z"], [None] * 3, "file", 0,
+                notes={"reject": [None, "img2dataset status failed_to_download: 404", None],
+                       "caption_issue": [None, None, "caption: not valid UTF-8 (byte 3); bad bytes replaced"]},
+                vectors={"text_feat": feat_array(np.ones((3, 4), np.float32), np.array([True, True, False]))})
+    out = decode_batch(t, DecodeConfig(image_size=32, resize=32))
+    assert out["has_image"].tolist() == [True, False, False] and out["has_text"].tolist() == [True, False, False]
+    assert out["image_note"][1] == out["caption_note"][1] == "img2dataset status failed_to_download: 404"
+    assert out["caption_note"][2].startswith("caption: not valid UTF-8")
+    assert out["image_hash"][0] is not None and out["image_hash"][2] is None
+    assert out["text_feat"].shape == (3, 4) and out["pixels"].shape == (3, 32, 32, 3)

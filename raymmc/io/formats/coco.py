@@ -9,6 +9,7 @@ images); the images themselves are only read by the read tasks."""
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 from collections import defaultdict
@@ -38,7 +39,7 @@ def is_coco(doc: object) -> bool:
 
 def candidate_image_dirs(json_uri: str) -> list[str]:
     """Where COCO's images usually are, relative to an annotation file."""
-    sep = posixpath if is_remote(json_uri) else __import__("os").path
+    sep = posixpath if is_remote(json_uri) else os.path
     folder = sep.dirname(json_uri)
     m = re.match(r"captions_(.+)\.json$", sep.basename(json_uri))
     out = [folder, sep.join(folder, "images")]
@@ -97,11 +98,10 @@ def items(doc: dict, mode: str, separator: str, label_column: str | None) -> Ite
 
 
 def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> Iterator[pa.Table]:
-    from raymmc.io.storage import join
-
     doc = parse(read_bytes(shard.uri, storage), shard.uri)
     image_dir = shard.get("images")
-    fs, _ = resolve(image_dir, storage)
+    fs, base = resolve(image_dir, storage)  # once per file: an object store's client is not made per image
+    sep = posixpath if is_remote(image_dir) else os.path
     buf: list[tuple] = []
     row = 0
 
@@ -115,8 +115,7 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
         image, image_issue = None, issue
         if isinstance(name, str) and name:
             try:
-                _, path = resolve(join(image_dir, name), storage)
-                with fs.open_input_stream(path) as f:
+                with fs.open_input_stream(sep.join(base, name)) as f:
                     image = f.read()
             except (FileNotFoundError, OSError, StorageError) as exc:
                 image_issue = f"image: cannot read {name} ({type(exc).__name__})"

@@ -102,6 +102,8 @@ def _metadata_columns(names: list[str], cfg: ArchiveConfig, where: str) -> dict[
         m["caption"] = cfg.caption_column
     if cfg.label_column:
         m["label"] = pick(names, cfg.label_column, (), "label", where)
+    if "image" in names:  # image bytes beside text vectors: the image view is encoded as usual
+        m["image"] = "image"
     return m
 
 
@@ -145,7 +147,9 @@ def _shard(e, rows: int, meta: dict[str, str], dims: dict[str, int | None]) -> S
     for v in views:
         if dims[v]:
             meta[f"{v}_dim"] = str(dims[v])
-    columns = tuple(c for c in ("id", "caption", "label") if c in meta) + tuple(f"{v}_feat" for v in views)
+    if "image" in views:
+        meta.pop("image", None)  # the image view is precomputed: its bytes are not read
+    columns = tuple(c for c in ("id", "image", "caption", "label") if c in meta) + tuple(f"{v}_feat" for v in views)
     return Shard(e.uri, e.path, e.size, rows, columns, e.mtime_ns, format="embeddings",
                  meta=tuple(sorted(meta.items())))
 
@@ -241,7 +245,7 @@ def _npy_rows(fs, shard: Shard, view: str, first: int, n: int, dim: int) -> tupl
 
 def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> Iterator[pa.Table]:
     fs, _ = resolve(shard.uri, storage)
-    cols = {k: shard.get(k) for k in ("id", "caption", "label", "image_vectors", "text_vectors")}
+    cols = {k: shard.get(k) for k in ("id", "image", "caption", "label", "image_vectors", "text_vectors")}
     wanted = sorted({c for c in cols.values() if c})
     try:
         batches = pq.ParquetFile(shard.path, filesystem=fs).iter_batches(batch_size=rows_per_batch, columns=wanted)
@@ -279,7 +283,8 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
                 continue
             vectors[feat] = arr
             notes[issue] = [v or old for v, old in zip(vnotes, notes.get(issue, [None] * n))]
-        yield records(ids, [None] * n, captions, labels, shard.uri, offset, notes=notes, vectors=vectors)
+        images = t.column(cols["image"]).cast(pa.binary()).to_pylist() if cols["image"] else [None] * n
+        yield records(ids, images, captions, labels, shard.uri, offset, notes=notes, vectors=vectors)
         offset += n
 
 

@@ -16,7 +16,7 @@ from raymmc.io.shards import Shard, ShardError, read_error
 from raymmc.io.storage import StorageOptions, list_files, resolve
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
-ID_COLUMNS = ("key", "id", "image_path")
+ID_COLUMNS = ("key", "id", "image_path", "url")
 
 
 def pick(names: list[str], configured: str | None, candidates: tuple[str, ...], what: str, where: str,
