@@ -96,10 +96,11 @@ def write_img2dataset(root, items) -> list[str]:
     rows += [{"url": f"https://example.org/{k}.png", "caption": "lost", "key": k, "status": st,
               "error_message": err, "width": None, "height": None, "original_width": None, "original_height": None,
               "exif": None, "sha256": None, "jpg": None, "label": None} for k, st, err in FAILED]
-    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
-                        ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int64()),
-                        ("height", pa.int64()), ("original_width", pa.int64()), ("original_height", pa.int64()),
-                        ("exif", pa.string()), ("sha256", pa.string()), ("jpg", pa.binary()), ("label", pa.string())])
+    # the input's columns (url, caption, the additional ones), then img2dataset's, then the image
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("label", pa.string()), ("key", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
+                        ("exif", pa.string()), ("sha256", pa.string()), ("jpg", pa.binary())])
     half = len(rows) // 2
     for n, part in enumerate((rows[:half], rows[half:])):
         pq.write_table(pa.Table.from_pylist(part, schema), root / f"{n:05d}.parquet")

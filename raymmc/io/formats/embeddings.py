@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymmc.io.formats.img2dataset import ID_COLUMNS, pick
+from raymmc.io.formats.img2dataset import CAPTION_COLUMNS, ID_COLUMNS, pick
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records, text_of
 from raymmc.io.shards import Shard, ShardError, read_error
@@ -98,8 +98,9 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
 
 def _metadata_columns(names: list[str], cfg: ArchiveConfig, where: str) -> dict[str, str]:
     m = {"id": pick(names, cfg.id_column, ID_COLUMNS, "id", where)}
-    if cfg.caption_column in names:
-        m["caption"] = cfg.caption_column
+    caption = pick(names, cfg.caption_column, CAPTION_COLUMNS, "caption", where, required=False)
+    if caption:
+        m["caption"] = caption
     if cfg.label_column:
         m["label"] = pick(names, cfg.label_column, (), "label", where)
     if "image" in names:  # image bytes beside text vectors: the image view is encoded as usual

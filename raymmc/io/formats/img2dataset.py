@@ -17,6 +17,7 @@ from raymmc.io.storage import StorageOptions, list_files, resolve
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 ID_COLUMNS = ("key", "id", "image_path", "url")
+CAPTION_COLUMNS = ("caption", "txt", "text")
 
 
 def pick(names: list[str], configured: str | None, candidates: tuple[str, ...], what: str, where: str,
@@ -43,10 +44,10 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
         names = meta.schema.to_arrow_schema().names
         id_col = pick(names, cfg.id_column, ID_COLUMNS, "id", e.uri)
         image_col = pick(names, cfg.image_column, IMAGE_COLUMNS, "image", e.uri, required=False)
-        caption_col = cfg.caption_column if cfg.caption_column in names else None
+        caption_col = pick(names, cfg.caption_column, CAPTION_COLUMNS, "caption", e.uri, required=False)
         if image_col is None and caption_col is None:
-            raise ShardError(f"{e.uri}: needs an image column ({', '.join(IMAGE_COLUMNS)}) or a "
-                             f"{cfg.caption_column!r} column; found {sorted(names)}")
+            raise ShardError(f"{e.uri}: needs an image column ({', '.join(IMAGE_COLUMNS)}) or a caption column "
+                             f"({', '.join(CAPTION_COLUMNS)}); found {sorted(names)}")
         label_col = pick(names, cfg.label_column, (), "label", e.uri, required=False) if cfg.label_column else None
         columns = tuple(c for c, present in (("id", True), ("image", image_col), ("caption", caption_col),
                                              ("label", label_col)) if present)

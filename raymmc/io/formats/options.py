@@ -17,7 +17,9 @@ class ArchiveConfig:
     id_column: str = "auto"
     # img2dataset Parquet: the column with the encoded image. "auto": the first of jpg, png, webp, image.
     image_column: str = "auto"
-    caption_column: str = "caption"
+    # img2dataset Parquet and embedding metadata: the caption. "auto": `caption` (img2dataset keeps its input's
+    # caption column under that name), then `txt`, then `text`.
+    caption_column: str = "auto"
     # Ground truth for the metrics, where the archive has it: a column (img2dataset, embeddings), a field of a
     # WebDataset sample's .json or of a COCO image entry. WebDataset's .cls member is read without it.
     label_column: str | None = None
