@@ -155,7 +155,8 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
                               n_rows=stats.rows, rejects_path=rpath, rejects_filesystem=rfs)
             dataset, usable, rejected, dups, missing = acc.dataset, acc.usable, acc.rejected, acc.duplicates, acc.missing_id
-            if stats.with_image and any("image" in s.columns for s in shards):
+            has_bytes = stats.with_image > 0 and any("image" in s.columns for s in shards)
+            if cfg.archive.duplicate_images != "off" and has_bytes:
                 # the same image bytes under several ids: listed, and dropped if asked
                 from raymmc.train.duplicate_images import find_duplicate_images
 

@@ -37,6 +37,7 @@ class ArchiveConfig:
     image_dim: int | None = None
     text_dim: int | None = None
     # The same image bytes under several ids: "report" lists the groups in the manifest; "drop" also rejects
-    # every copy after the first (by file, then row) as "duplicate image".
-    duplicate_images: Literal["report", "drop"] = "report"
+    # every copy after the first (by file, then row) as "duplicate image"; "off" skips the pass (one more
+    # Ray Data job over the usable items' ids and hashes).
+    duplicate_images: Literal["report", "drop", "off"] = "report"
     duplicate_groups_shown: int = 20  # groups listed in the manifest (all are counted)
