@@ -70,6 +70,18 @@ def choose_algorithm(counts: dict[str, int]) -> tuple[str, str]:
                     "both: mostly one modality per item, mixed-modal, DM2C")
 
 
+def choose_for_input(found, storage_options: StorageOptions | None) -> tuple[str, str, str | None]:
+    """``--algorithm auto`` for a discovered input (``raymmc.io.formats.Input``): the algorithm, why, and the view
+    DEC clusters when DEC is chosen (the captions without images; precomputed image vectors without captions,
+    where MMDC has no pixels to train on)."""
+    from raymmc.io.formats import present_counts
+
+    algorithm, why = choose_algorithm(present_counts(found.shards, storage_options))
+    if algorithm == "mmdc" and "image" in found.to_dict()["precomputed"]:
+        return "dec", f"{why}; but the images are precomputed vectors (no pixels): DEC on them", "image"
+    return algorithm, why, "text" if algorithm == "dec" else None
+
+
 def used_modalities(cfg: RunConfig) -> frozenset[str]:
     algo = cfg.cluster.algorithm
     if algo in ALGORITHM_MODALITIES:
@@ -347,23 +359,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     """`raymmc run`: cluster an archive and write a run directory."""
     import dataclasses
 
-    from raymmc.io.formats import present_counts
-
     seed_everything(cfg.seed)
     timer = StageTimer()
     started = _dt.datetime.now(_dt.timezone.utc)
     input_uri = cfg.input or demo_input(cfg, log)
     extra: dict = {}
     if cfg.cluster.algorithm == "auto":
-        found = discover_input(input_uri, cfg.storage, cfg.archive)
-        algorithm, why = choose_algorithm(present_counts(found.shards, cfg.storage))
-        params = dict(cfg.cluster.params)
-        if algorithm == "mmdc" and "image" in found.to_dict()["precomputed"]:
-            algorithm, why = "dec", f"{why}; but the images are precomputed vectors (no pixels): DEC on them"
-            params["dec"] = {"view": "image", **(params.get("dec") or {})}
+        algorithm, why, dec_view = choose_for_input(discover_input(input_uri, cfg.storage, cfg.archive), cfg.storage)
         log(f"algorithm auto -> {algorithm}: {why}")
-        if algorithm == "dec":  # text only: DEC clusters the captions unless told otherwise
-            params["dec"] = {"view": "text", **(params.get("dec") or {})}
+        params = dict(cfg.cluster.params)
+        if dec_view:  # DEC clusters that view unless told otherwise
+            params["dec"] = {"view": dec_view, **(params.get("dec") or {})}
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm, params=params))
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work

@@ -427,3 +427,15 @@ def test_readers_on_object_storage(s3_bucket, tmp_path, items):
         t = pa.concat_tables([b for s in found.shards for b in read_batches(s, opts, 7)], promote_options="default")
         assert sorted(t.column("id").to_pylist()) == sorted(local[name]["ids"]), name
         assert all(s.startswith(f"s3://{bucket}/{name}/") for s in t.column("source").unique().to_pylist())
+
+
+def test_auto_algorithm_on_vectors(tmp_path):
+    """--algorithm auto: image vectors without captions have no pixels for MMDC: DEC on the vectors."""
+    from raymmc.pipeline import choose_for_input
+
+    (tmp_path / "v").mkdir()
+    img, _ = vectors(6, 4, 0)
+    pq.write_table(pa.table({"id": [str(i) for i in range(6)], "image_embedding": img.tolist()}),
+                   tmp_path / "v" / "p.parquet")
+    algorithm, why, view = choose_for_input(discover_input(str(tmp_path / "v")), None)
+    assert (algorithm, view) == ("dec", "image") and "precomputed" in why
