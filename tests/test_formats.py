@@ -120,6 +120,7 @@ def test_img2dataset_reader(tmp_path, items):
     assert all(r["image"] and r["caption"] and r["label"] in CLASSES for r in ok)
 
 
+@pytest.mark.slow
 def test_img2dataset_run(ray_session, tmp_path, items, feature_cache):
     keys = write_img2dataset(tmp_path / "i2d", items)
     rundir = run_cli(str(tmp_path / "i2d"), tmp_path, "i2d", feature_cache, *TEXT_ONLY,
@@ -197,6 +198,7 @@ def test_webdataset_corrupt_tar_names_the_file(tmp_path, items):
         discover_input(str(tmp_path / "wds"))
 
 
+@pytest.mark.slow
 def test_webdataset_run(ray_session, tmp_path, items, feature_cache):
     wds = write_webdataset(tmp_path / "wds", items)
     rundir = run_cli(str(tmp_path / "wds"), tmp_path, "wds", feature_cache, *IMAGE_ONLY,
@@ -253,6 +255,7 @@ def test_coco_reader(tmp_path, items):
     assert first["caption"] == items[0][2] and first["label"] == items[0][3]
 
 
+@pytest.mark.slow
 def test_coco_run(ray_session, tmp_path, items, feature_cache):
     coco = write_coco(tmp_path / "coco", items)
     rundir = run_cli(str(tmp_path / "coco"), tmp_path, "coco", feature_cache, *TEXT_ONLY,
@@ -333,6 +336,7 @@ def test_npy_object_arrays_are_refused(tmp_path):
         discover_input(str(tmp_path / "clip"))
 
 
+@pytest.mark.slow
 def test_embeddings_run_clip_retrieval(ray_session, tmp_path):
     clip = write_clip_retrieval(tmp_path / "clip")
     rundir = run_cli(str(tmp_path / "clip"), tmp_path, "clip", str(tmp_path / "cache"),
@@ -347,6 +351,7 @@ def test_embeddings_run_clip_retrieval(ray_session, tmp_path):
     assert rundir.read_json("metrics.json")["nmi"] > 0.9
 
 
+@pytest.mark.slow
 def test_embeddings_run_vector_column(ray_session, tmp_path):
     col = write_vector_column(tmp_path / "col")
     rundir = run_cli(str(tmp_path / "col"), tmp_path, "col", str(tmp_path / "cache"), *IMAGE_ONLY)
