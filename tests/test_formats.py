@@ -183,7 +183,8 @@ def test_webdataset_reader(tmp_path, items):
     fmt, t = read_all(str(tmp_path / "wds"), ArchiveConfig(label_column="label"))
     rows = {r["id"]: r for r in t.to_pylist()}
     assert sorted(rows) == sorted(wds["ids"])
-    assert rows[wds["latin1"]]["caption"].startswith("caf") and "not valid UTF-8" in rows[wds["latin1"]]["caption_issue"]
+    latin1 = rows[wds["latin1"]]
+    assert latin1["caption"].startswith("caf") and "not valid UTF-8" in latin1["caption_issue"]
     assert rows[wds["dotted"]]["image"] == items[3][1]  # "<key>.left.jpg" is field "left.jpg" of <key>
     assert rows[wds["corrupt"]]["image"].startswith(b"\xff\xd8\xff this")
     assert rows[items[0][0]]["label"] == items[0][3]
@@ -263,7 +264,8 @@ def test_coco_run(ray_session, tmp_path, items, feature_cache):
     assigned, rejected = check_every_item_once(rundir, coco["ids"])
     assert rejected == {coco["uncaptioned"]: "image present but this run does not use images; no caption"}
     missing = assigned[coco["missing"]]  # clustered on its two captions, with the reason its image is missing
-    assert not missing["has_image"] and missing["note"].startswith(f"image: cannot read {int(coco['missing']):012d}.jpg")
+    assert not missing["has_image"]
+    assert missing["note"].startswith(f"image: cannot read {int(coco['missing']):012d}.jpg")
     assert rundir.read_json("manifest.json")["input_format"]["format"] == "coco"
 
 

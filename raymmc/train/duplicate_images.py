@@ -53,8 +53,9 @@ def copies(rows: pa.Table) -> pa.Table:
             size += [j - i] * (j - i)
         i = j
     out = rows.take(pa.array(keep, pa.int64()))
-    return (out.append_column("rank", pa.array(rank, pa.int64())).append_column("first_id", pa.array(first, pa.string()))
-            .append_column("size", pa.array(size, pa.int64())))
+    out = out.append_column("rank", pa.array(rank, pa.int64()))
+    out = out.append_column("first_id", pa.array(first, pa.string()))
+    return out.append_column("size", pa.array(size, pa.int64()))
 
 
 def _drop(batch: pa.Table, refs: list) -> pa.Table:

@@ -116,7 +116,8 @@ def _discover_npy(uri: str, npys, options: StorageOptions | None, cfg: ArchiveCo
         m = _NUMBER.search(e.path)
         if view and m:
             by_number.setdefault(m.group(1), {})[view] = e
-    metas = [e for e in list_files(uri, ".parquet", options) if posixpath.basename(posixpath.dirname(e.path)) == "metadata"]
+    metas = [e for e in list_files(uri, ".parquet", options)
+             if posixpath.basename(posixpath.dirname(e.path)) == "metadata"]
     if not metas:
         raise ShardError(f"{uri}: .npy embeddings in img_emb/ or text_emb/ but no metadata/*.parquet beside them")
     dims: dict[str, int | None] = {"image": cfg.image_dim, "text": cfg.text_dim}

@@ -104,7 +104,8 @@ def convert(t: pa.Table, cols: dict[str, str | None], source: str, first_row: in
         text, note = text_of(raw, "caption") if isinstance(raw, bytes) else (label_text(raw), None)
         captions.append(text)
         caption_issue.append(note)
-    labels = [label_text(v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for v in _values(t, cols["label"])]
+    labels = [label_text(v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+              for v in _values(t, cols["label"])]
     status = _values(t, cols["status"])
     errors = _values(t, cols["error"])
     reject: list[str | None] = [None] * n

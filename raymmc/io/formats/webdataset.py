@@ -42,7 +42,7 @@ def split_key(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), (field if dot else "")
 
 
-def _members(fileobj, where: str) -> Iterator[tarfile.TarInfo]:
+def _members(fileobj, where: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
             for m in tf:
@@ -128,7 +128,9 @@ def to_record(key: str, fields: dict[str, bytes], label_column: str | None) -> t
     image = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
     if image is None:
         image = next((v for f, v in fields.items() if f.rsplit(".", 1)[-1] in IMAGE_FIELDS), None)
-    image_issue = None if image is not None or not fields else f"image: no image member (fields: {', '.join(sorted(fields))})"
+    image_issue = None
+    if image is None and fields:
+        image_issue = f"image: no image member (fields: {', '.join(sorted(fields))})"
     meta, caption_issue = {}, None
     if "json" in fields:
         try:
