@@ -446,3 +446,15 @@ def test_auto_algorithm_on_vectors(tmp_path):
                    tmp_path / "v" / "p.parquet")
     algorithm, why, view = choose_for_input(discover_input(str(tmp_path / "v")), None)
     assert (algorithm, view) == ("dec", "image") and "precomputed" in why
+
+
+def test_duplicate_image_groups_kernel():
+    """The per-partition kernel of the duplicate-image pass (no Ray): groups of 2+ rows per hash, ranked by input
+    index, each row naming its group's first id."""
+    from raymmc.train.duplicate_images import copies
+
+    rows = pa.table({"id": ["c", "a", "b", "d", "e"], "image_hash": ["h1", "h1", "h2", "h1", "h3"],
+                     "source": ["f"] * 5, "row": [2, 0, 1, 3, 4], "index": [2, 0, 1, 3, 4]})
+    out = copies(rows).to_pylist()
+    assert [(r["id"], r["rank"], r["first_id"], r["size"]) for r in out] == [("a", 0, "a", 3), ("c", 1, "a", 3),
+                                                                            ("d", 2, "a", 3)]
