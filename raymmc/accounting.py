@@ -58,7 +58,7 @@ def row_reasons(table: pa.Table, modalities: frozenset[str], decode: DecodeConfi
             why[0] = "image present but this run does not use images"
         if has_text[i]:
             why[1] = "caption present but this run does not use text"
-        unusable.append("; ".join(why))
+        unusable.append("; ".join(dict.fromkeys(why)))  # a reason given for both views (a source reject) once
     return pa.table({"id_problem": pa.array(problems, pa.string()),
                      "missing": pa.array([p == "missing id" for p in problems], pa.bool_()),
                      "unusable": pa.array(unusable, pa.string())})

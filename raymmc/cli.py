@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from raymmc.config import ConfigError, load_config
+from raymmc.io.formats.options import FORMATS
 from raymmc.io.rundir import RunLocationError
 from raymmc.io.safestate import UnsafeStateError
 from raymmc.io.shards import ShardError
@@ -17,6 +18,9 @@ from raymmc.io.storage import StorageError
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see jobs/configs/)")
     p.add_argument("--input", help="archive URI: local dir, file://, s3://, gs:// (default: the demo data)")
+    p.add_argument("--input-format", choices=FORMATS,
+                   help="archive format (default auto: detected, and the manifest says what and why): shards, "
+                        "img2dataset, webdataset, coco, embeddings (archive.format)")
     p.add_argument("--output", help="where run directories are created (default: ./runs)")
     p.add_argument("--run-name", help="run directory name (default: <algorithm>-<timestamp>)")
     p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc | auto (picks from the data's modalities)")
@@ -33,6 +37,8 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     for key, dest in (("input", "input"), ("output", "output"), ("run_name", "run_name"), ("seed", "seed")):
         if getattr(args, dest, None) is not None:
             values[key] = getattr(args, dest)
+    if getattr(args, "input_format", None) is not None:
+        values["archive"] = {"format": args.input_format}
     cluster = {}
     if args.algorithm is not None:
         cluster["algorithm"] = args.algorithm
@@ -63,14 +69,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from raymmc.features.extract import run_extraction
-    from raymmc.io.shards import discover
+    from raymmc.io.formats import discover_input
     from raymmc.pipeline import used_modalities
     from raymmc.raysession import has_gpu, init_ray
 
     cfg = load_config(args.config, args.overrides, cli_values(args))
     if not cfg.input:
         raise ConfigError("raymmc extract needs --input")
-    shards = discover(cfg.input, cfg.storage)
+    found = discover_input(cfg.input, cfg.storage, cfg.archive)
+    print(f"input {cfg.input}: {found.format} ({found.why})")
+    shards = found.shards
     init_ray(cfg.ray)
     dirs, stats = run_extraction(shards, cfg.extract.cache or cfg.output, extract_cfg=cfg.extract, seed=cfg.seed,
                                  storage=cfg.storage, has_gpu=has_gpu(), modalities=used_modalities(cfg))
@@ -83,7 +91,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
     from raymmc.pipeline import assign
 
     opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
-    result = assign(args.model, args.input, args.output, run_name=args.run_name, storage_options=opts)
+    result = assign(args.model, args.input, args.output, run_name=args.run_name, storage_options=opts,
+                    input_format=args.input_format)
     print(f"\nassignments: {result.run_uri}")
     print("cluster sizes: " + json.dumps(result.metrics["cluster_sizes"]))
     return 0
@@ -126,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_as.add_argument("--input", required=True, help="archive URI of the new items")
     p_as.add_argument("--output", required=True, help="where the assignment run directory is created")
     p_as.add_argument("--run-name")
+    p_as.add_argument("--input-format", choices=FORMATS, help="format of the new items (default: the run's "
+                      "archive.format, auto unless it was set)")
     p_as.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p_as.set_defaults(func=cmd_assign)
 

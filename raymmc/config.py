@@ -13,6 +13,7 @@ from raymmc.cluster.kmeans import KMeansConfig
 from raymmc.features.decode import DecodeConfig
 from raymmc.features.extract import PixelConfig
 from raymmc.features.text import TextEncoderConfig
+from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.rundir import RunLocationError, check_run_location
 from raymmc.io.storage import StorageOptions
 from raymmc.train.trainer import TrainConfig
@@ -97,6 +98,8 @@ class RunConfig:
     demo_dataset: str = "tuxpaint"
     seed: int = 0
     storage: StorageOptions = field(default_factory=StorageOptions)
+    # How to read the input: its format (auto-detected by default) and per-format settings (--input-format).
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -170,6 +173,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("summary: map_points, top_images, top_terms and representatives must be >= 0")
     if sm.candidates < max(sm.top_images, sm.representatives, 1) or sm.max_terms < max(sm.top_terms, 1):
         raise ConfigError("summary: need candidates >= top_images, representatives and max_terms >= top_terms")
+    if cfg.archive.duplicate_groups_shown < 0:
+        raise ConfigError("archive.duplicate_groups_shown must be >= 0")
+    for key in ("image_dim", "text_dim"):
+        if getattr(cfg.archive, key) is not None and getattr(cfg.archive, key) < 1:
+            raise ConfigError(f"archive.{key} must be >= 1 (or null: the first file's)")
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:

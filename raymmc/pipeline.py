@@ -17,7 +17,7 @@ from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
 from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
-from raymmc.io.shards import discover
+from raymmc.io.formats import discover_input
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import evaluate_contingency
 from raymmc.train.trainer import table_to_multiview
@@ -70,6 +70,18 @@ def choose_algorithm(counts: dict[str, int]) -> tuple[str, str]:
                     "both: mostly one modality per item, mixed-modal, DM2C")
 
 
+def choose_for_input(found, storage_options: StorageOptions | None) -> tuple[str, str, str | None]:
+    """``--algorithm auto`` for a discovered input (``raymmc.io.formats.Input``): the algorithm, why, and the view
+    DEC clusters when DEC is chosen (the captions without images; precomputed image vectors without captions,
+    where MMDC has no pixels to train on)."""
+    from raymmc.io.formats import present_counts
+
+    algorithm, why = choose_algorithm(present_counts(found.shards, storage_options))
+    if algorithm == "mmdc" and "image" in found.to_dict()["precomputed"]:
+        return "dec", f"{why}; but the images are precomputed vectors (no pixels): DEC on them", "image"
+    return algorithm, why, "text" if algorithm == "dec" else None
+
+
 def used_modalities(cfg: RunConfig) -> frozenset[str]:
     algo = cfg.cluster.algorithm
     if algo in ALGORITHM_MODALITIES:
@@ -114,6 +126,8 @@ class Prepared:
     duplicates: int
     missing_id: int
     resources: dict
+    input_format: dict | None = None  # the archive format read, and why (raymmc.io.formats.Input.to_dict)
+    duplicate_images: dict | None = None  # groups of ids with the same image bytes (DuplicateImages.to_dict)
 
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
@@ -126,8 +140,11 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
 
     modalities = used_modalities(cfg)
     with timer("discover"):
-        shards = discover(input_uri, cfg.storage)
-    log(f"input {input_uri}: {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
+        found = discover_input(input_uri, cfg.storage, cfg.archive)
+        shards = found.shards
+    log(f"input {input_uri}: {found.format} ({found.why}); {len(shards)} file(s), {sum(s.rows for s in shards)} rows")
+    if "pixels" in modalities and not any("image" in s.columns for s in shards):
+        raise ConfigError(f"{cfg.cluster.algorithm} clusters pixels, and this {found.format} archive has no images")
     with timer("ray_init"):
         resources = init_ray(cfg.ray)
     with timer("extract"):
@@ -145,10 +162,21 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
         fs, _ = storage.resolve(feature_dirs[0], cfg.storage) if feature_dirs else (None, None)
         storage.delete_dir(rundir.path("rejects"), cfg.storage)  # a resumed run writes them again
         rfs, rpath = storage.resolve(rundir.path("rejects"), cfg.storage)
+        image_groups = {"groups": 0, "items": 0, "dropped": 0, "examples": []}
         if files:
             acc = usable_rows(files, fs, modalities=modalities, decode=cfg.extract.decode, offsets=offsets,
                               n_rows=stats.rows, rejects_path=rpath, rejects_filesystem=rfs)
             dataset, usable, rejected, dups, missing = acc.dataset, acc.usable, acc.rejected, acc.duplicates, acc.missing_id
+            has_bytes = stats.with_image > 0 and any("image" in s.columns for s in shards)
+            if cfg.archive.duplicate_images != "off" and has_bytes:
+                # the same image bytes under several ids: listed, and dropped if asked
+                from raymmc.train.duplicate_images import find_duplicate_images
+
+                dataset, dup_images = find_duplicate_images(
+                    dataset, usable, drop=cfg.archive.duplicate_images == "drop",
+                    shown=cfg.archive.duplicate_groups_shown, rejects_path=rpath, rejects_filesystem=rfs)
+                usable, rejected = usable - dup_images.dropped, rejected + dup_images.dropped
+                image_groups = dup_images.to_dict()
         else:
             dataset, usable, rejected, dups, missing = None, 0, 0, 0, 0
         if rejected == 0:  # an empty rejects/ table, so that every run directory has one
@@ -158,8 +186,11 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             rundir.write_table("rejects", REJECT_SCHEMA.empty_table())
     if usable + rejected != stats.rows:  # the accounting invariant, never relaxed
         raise RuntimeError(f"accounting error: {stats.rows} rows read, {usable} usable + {rejected} rejected")
-    log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id)")
-    return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources)
+    log(f"account: {usable} usable, {rejected} rejected ({dups} duplicate id(s), {missing} without id); "
+        f"{image_groups['items']} item(s) share an image with another id ({image_groups['groups']} group(s), "
+        f"{image_groups['dropped']} dropped)")
+    return Prepared(input_uri, shards, stats, feature_dirs, dataset, usable, rejected, dups, missing, resources,
+                    found.to_dict(), image_groups)
 
 
 def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
@@ -232,13 +263,13 @@ def empty_assignments_table() -> pa.Table:
     return empty_assignments().select(ASSIGNMENT_COLUMNS)
 
 
-def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str) -> str:
+def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str, shards: list = ()) -> str:
     """report/: from the run's bounded summary; the images of the shown items are read from their shards."""
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
     return render(rundir, summary, metrics=metrics, title=title, top_images=cfg.summary.top_images,
-                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage))
+                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage, shards))
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
@@ -255,6 +286,8 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "ray_resources": prep.resources,
         "ray_nodes": alive_nodes(),
         "inputs": {"uri": prep.input_uri, "files": [s.to_dict() for s in prep.shards]},
+        "input_format": prep.input_format,
+        "duplicate_images": prep.duplicate_images,
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
                      "files_extracted": stats.files_extracted, "stages": stats.stages},
@@ -326,19 +359,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     """`raymmc run`: cluster an archive and write a run directory."""
     import dataclasses
 
-    from raymmc.io.shards import present_counts
-
     seed_everything(cfg.seed)
     timer = StageTimer()
     started = _dt.datetime.now(_dt.timezone.utc)
     input_uri = cfg.input or demo_input(cfg, log)
     extra: dict = {}
     if cfg.cluster.algorithm == "auto":
-        algorithm, why = choose_algorithm(present_counts(discover(input_uri, cfg.storage), cfg.storage))
+        algorithm, why, dec_view = choose_for_input(discover_input(input_uri, cfg.storage, cfg.archive), cfg.storage)
         log(f"algorithm auto -> {algorithm}: {why}")
         params = dict(cfg.cluster.params)
-        if algorithm == "dec":  # text only: DEC clusters the captions unless told otherwise
-            params["dec"] = {"view": "text", **(params.get("dec") or {})}
+        if dec_view:  # DEC clusters that view unless told otherwise
+            params["dec"] = {"view": dec_view, **(params.get("dec") or {})}
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm, params=params))
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work
@@ -361,7 +392,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
     extra["nodes"] = {"extract": prep.stats.nodes, "cluster": train_nodes(extra["train"]), "predict": predict_nodes}
     if cfg.report and summary is not None:
         with timer("report"):
-            report = write_report(rundir, cfg, summary, metrics,
+            report = write_report(rundir, cfg, summary, metrics, shards=prep.shards,
                                   title=f"{os.path.basename(input_uri.rstrip('/'))} · {cfg.cluster.algorithm}")
         log(f"report: {report}")
     manifest = write_manifest(rundir, cfg, prep, started, timer, **extra)
@@ -388,7 +419,8 @@ def resume(run_uri: str, storage_options: StorageOptions | None = None,
 
 
 def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,
-           storage_options: StorageOptions | None = None, log: Callable[[str], None] = print) -> RunResult:
+           storage_options: StorageOptions | None = None, log: Callable[[str], None] = print,
+           input_format: str | None = None) -> RunResult:
     """`raymmc assign`: put new items into an existing run's clusters, without retraining.
     Features come from the same encoders (the run's fitted text encoder included)."""
     import dataclasses
@@ -406,6 +438,8 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     cfg = from_dict(RunConfig, src_manifest["config"])
     if storage_options is not None:
         cfg = dataclasses.replace(cfg, storage=storage_options)
+    if input_format is not None:  # the new items may come in another format than the run's
+        cfg = dataclasses.replace(cfg, archive=dataclasses.replace(cfg.archive, format=input_format))
     seed_everything(cfg.seed)
     timer = StageTimer()
     rundir = RunDir(storage.join(output, name), cfg.storage).create()

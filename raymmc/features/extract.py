@@ -11,10 +11,11 @@ saying why a modality was dropped; deciding what is rejected happens downstream.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,11 +26,12 @@ from ray.data.block import BlockMetadata
 
 from raymmc.features.decode import DecodeConfig, clean_caption, decode_image
 from raymmc.features.text import FITTED, TextEncoderConfig, make_text_encoder
-from raymmc.io.shards import Shard, ShardError, conform, read_error
+from raymmc.io.formats import read_batches
+from raymmc.io.shards import Shard, ShardError, read_file_batches  # noqa: F401  (re-exported)
 from raymmc.io.storage import StorageError, StorageOptions, resolve
 
 FEATURE_COLUMNS = ("id", "source", "row", "label", "caption", "has_image", "has_text", "image_note",
-                   "caption_note", "image_feat", "text_feat", "pixels")
+                   "caption_note", "image_hash", "image_feat", "text_feat", "pixels")
 # The Ray node each encoder ran on: carried to the write task, reported in the manifest, not written.
 NODE_COLUMNS = ("image_node", "text_node")
 
@@ -94,34 +96,10 @@ def stage_times(ray_stats: str, rows: int) -> list[dict[str, Any]]:
 
 # --- stage functions (plain, unit-testable) -----------------------------------------------------
 
-def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
-    """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
-    fs, _ = resolve(uri, storage)
-    try:
-        pf = pq.ParquetFile(path, filesystem=fs)
-    except (OSError, pa.ArrowException) as exc:  # deleted since it was listed, the store is down, a bad footer
-        raise read_error(uri, fs, path, exc) from exc
-    present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
-    offset = 0
-    batches = pf.iter_batches(batch_size=rows_per_batch, columns=present)
-    while True:
-        try:
-            rb = next(batches, None)
-        except (OSError, pa.ArrowException) as exc:  # a corrupt page behind a valid footer, or the store
-            raise read_error(uri, fs, path, exc, after_row=offset) from exc
-        if rb is None:
-            break
-        t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
-        n = t.num_rows
-        t = t.append_column("source", pa.array([uri] * n, pa.string()))
-        t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
-        offset += n
-        yield t
-
-
 class ShardDatasource(Datasource):
-    """One Ray Data read task per input file, streaming its row groups. (``from_items`` + a read ``map_batches``
-    hands all files to one task as a single bundle, so files would be read and decoded one after another.)"""
+    """One Ray Data read task per input file of any archive format (``raymmc.io.formats``: a Parquet file, a tar,
+    a COCO annotation file), streaming it. (``from_items`` + a read ``map_batches`` hands all files to one task as
+    a single bundle, so files would be read and decoded one after another.)"""
 
     def __init__(self, shards: list[Shard], storage: StorageOptions, rows_per_batch: int):
         self.shards, self.storage, self.rows_per_batch = shards, storage, rows_per_batch
@@ -131,42 +109,75 @@ class ShardDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(read_file_batches, s.uri, s.path, self.storage, self.rows_per_batch),
+        return [ReadTask(functools.partial(read_batches, s, self.storage, self.rows_per_batch),
                          BlockMetadata(num_rows=s.rows, size_bytes=s.size, exec_stats=None, input_files=(s.uri,)),
                          per_task_row_limit=per_task_row_limit)
                 for s in self.shards]
 
 
 def decode_batch(batch: pa.Table, cfg: DecodeConfig) -> dict[str, np.ndarray]:
-    """Decode images to uint8 HxWx3 and clean captions; note why anything was dropped."""
+    """Decode images to uint8 HxWx3 and clean captions; note why anything was dropped.
+
+    ``batch`` is a record batch of any archive format (``raymmc.io.formats.records``): a ``reject`` reason makes
+    the item unusable with that reason, ``image_issue`` / ``caption_issue`` notes from the reader are kept, and
+    precomputed ``image_feat`` / ``text_feat`` vectors (null where unusable) stand for that view: no pixels are
+    decoded for a precomputed image view. ``image_hash`` fingerprints each decodable image's bytes (duplicate
+    images under different ids)."""
     n = batch.num_rows
+    names = batch.column_names
     size = cfg.image_size
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    pre_image = "image_feat" in names
+    pixels = None if pre_image else np.zeros((n, size, size, 3), dtype=np.uint8)
     has_image = np.zeros(n, dtype=bool)
     image_note = np.full(n, "", dtype=object)
+    image_hash = np.full(n, None, dtype=object)
     captions = np.full(n, "", dtype=object)
     has_text = np.zeros(n, dtype=bool)
     caption_note = np.full(n, "", dtype=object)
-    for i, data in enumerate(batch.column("image").to_pylist()):
-        arr, reason = decode_image(data, cfg)
-        if arr is not None:
-            pixels[i], has_image[i] = arr, True
-        elif reason:
-            image_note[i] = reason
+    if not pre_image:
+        for i, data in enumerate(batch.column("image").to_pylist()):
+            arr, reason = decode_image(data, cfg)
+            if arr is not None:
+                pixels[i], has_image[i] = arr, True
+                image_hash[i] = hashlib.blake2b(data, digest_size=16).hexdigest()
+            elif reason:
+                image_note[i] = reason
     for i, raw in enumerate(_raw_bytes(batch, "caption")):
         text, reason = clean_caption(raw, cfg)
         if text is not None:
             captions[i], has_text[i] = text, True
         if reason:
             caption_note[i] = reason
-    return {
+    out = {
         "id": np.array([_text(v) for v in _raw_bytes(batch, "id")], dtype=object),
         "source": np.array(batch.column("source").to_pylist(), dtype=object),
         "row": batch.column("row").to_numpy(),
         "label": np.array([_text(v) for v in _raw_bytes(batch, "label")], dtype=object),
-        "caption": captions, "has_text": has_text, "caption_note": caption_note,
-        "pixels": pixels, "has_image": has_image, "image_note": image_note,
+        "caption": captions, "image_hash": image_hash,
     }
+    for feat, flag in (("image_feat", has_image), ("text_feat", has_text)):
+        if feat in names:  # precomputed: the view is usable where the reader left a vector
+            col = batch.column(feat).combine_chunks()
+            valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            dense = np.zeros((n, col.type.list_size), dtype=np.float32)
+            dense[valid] = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).reshape(
+                -1, col.type.list_size)
+            out[feat] = dense
+            flag[:] = valid
+    for issue, notes in (("image_issue", image_note), ("caption_issue", caption_note)):
+        if issue in names:
+            for i, v in enumerate(batch.column(issue).to_pylist()):
+                if v:
+                    notes[i] = "; ".join(x for x in (v, notes[i]) if x)
+    if "reject" in names:
+        for i, reason in enumerate(batch.column("reject").to_pylist()):
+            if reason:  # unusable at the source: both views carry the reason (the accounting names it once)
+                has_image[i] = has_text[i] = False
+                image_note[i] = caption_note[i] = reason
+    out.update(has_text=has_text, caption_note=caption_note, has_image=has_image, image_note=image_note)
+    if pixels is not None:
+        out["pixels"] = pixels
+    return out
 
 
 def _raw_bytes(batch: pa.Table, column: str) -> list[bytes | None]:
@@ -286,7 +297,7 @@ def feature_matrix(table: pa.Table, column: str, dtype: type = np.float32) -> np
 # file key: the input file's URI, size and mtime. A finished file is never extracted again; a
 # partly written one (a killed run) is cleared and redone.
 
-FEATURE_FORMAT = 1  # bump when the feature table layout changes
+FEATURE_FORMAT = 2  # (2: image_hash) bump when the feature table layout changes
 # Per-file helper tasks spread over the nodes, as Ray Data's own tasks do; and never captured by the placement
 # group of a Tune trial that starts a run (its bundle has no room for them: "resource shape" error).
 SPREAD = "SPREAD"
@@ -416,7 +427,10 @@ def _shard_captions(shard: Shard, decode: DecodeConfig, seed: int, fraction: flo
     from raymmc.hashing import keyed_priority, under
     from raymmc.io.shards import read_shard
 
-    table = read_shard(shard, storage, ["id", "caption"])
+    if shard.format == "shards":
+        table = read_shard(shard, storage, ["id", "caption"])
+    else:  # another format: its reader yields the same columns (its captions only are kept here)
+        table = pa.concat_tables([b.select(["id", "caption"]) for b in read_batches(shard, storage, CAPTION_ROWS)])
     ids = _raw_bytes(table, "id")  # bytes: an id need not be valid UTF-8 to key a sample
     keys = [i if i else f"{shard.uri}#{row}" for row, i in enumerate(ids)]
     priority = keyed_priority(keys, seed)
@@ -429,6 +443,14 @@ def _shard_captions(shard: Shard, decode: DecodeConfig, seed: int, fraction: flo
             texts.append(text)
             kept.append(j)
     return priority[np.array(kept, dtype=np.int64)], texts
+
+
+CAPTION_ROWS = 1024  # rows per record batch when another format's captions are sampled for a fitted text encoder
+
+
+def precomputed_views(shards: list[Shard]) -> frozenset[str]:
+    """The views (``image``, ``text``) whose vectors the archive already has: no encoder runs for them."""
+    return frozenset(v for v in ("image", "text") if any(f"{v}_feat" in s.columns for s in shards))
 
 
 def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, seed: int,
@@ -453,9 +475,10 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         delete_dir(join(root, s.key), storage)
 
     img_cfg = extract_cfg.image
-    use_image = img_cfg.model != "none" and "image" in modalities
+    pre = precomputed_views(shards)
+    use_image = img_cfg.model != "none" and "image" in modalities and "image" not in pre
     fitted_here = False
-    if "text" not in modalities or not todo:
+    if "text" not in modalities or not todo or "text" in pre:  # precomputed text vectors: no encoder
         text_encoder = None
     elif text_encoder is None:
         text_encoder = fit_text_encoder(shards, extract_cfg.text, extract_cfg.decode, seed, storage,
@@ -480,9 +503,11 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     dirs = cached_files(root, shards, storage)
     dims = feature_dims(dirs, storage)
     if "image_feat" in dims:
-        stats.image_encoder = {"model": img_cfg.model, "weights": img_cfg.weights, "dim": dims["image_feat"]}
+        stats.image_encoder = ({"model": "precomputed", "dim": dims["image_feat"]} if "image" in pre else
+                               {"model": img_cfg.model, "weights": img_cfg.weights, "dim": dims["image_feat"]})
     if "text_feat" in dims:
-        stats.text_encoder = {"model": extract_cfg.text.model, "dim": dims["text_feat"]}
+        stats.text_encoder = ({"model": "precomputed", "dim": dims["text_feat"]} if "text" in pre else
+                              {"model": extract_cfg.text.model, "dim": dims["text_feat"]})
     counts = feature_counts(dirs, storage, extract_cfg.cpus_per_task)
     stats.rows, stats.with_image, stats.with_text = counts["rows"], counts["with_image"], counts["with_text"]
     stats.image_dropped, stats.caption_dropped = counts["image_dropped"], counts["caption_dropped"]

@@ -5,6 +5,9 @@ files and checks each one's schema before any work starts."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
@@ -43,13 +46,26 @@ class Shard:
     rows: int
     columns: tuple[str, ...]  # contract columns present in this file
     mtime_ns: int | None = None
+    # The archive format this file is read as (raymmc.io.formats); "shards" is the contract above.
+    format: str = "shards"
+    # What a format's reader needs besides the file, as (name, value) pairs: its companion files (a WebDataset
+    # tar's sidecar Parquet, the .npy vectors beside clip-retrieval metadata), the column that holds the image,
+    # the vectors' dimension. A tuple, not a dict: a Shard is frozen and travels to Ray workers.
+    meta: tuple[tuple[str, str], ...] = ()
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return dict(self.meta).get(name, default)
 
     @property
     def key(self) -> str:
-        """Identity of this file's content for caches: URI, size and modification time."""
+        """Identity of this file's content for caches: URI, size and modification time (and, for the other
+        formats, the format and what its reader reads besides the file: companions carry their size and mtime)."""
         import hashlib
 
-        return hashlib.sha1(f"{self.uri}|{self.size}|{self.mtime_ns}".encode()).hexdigest()[:20]
+        ident = f"{self.uri}|{self.size}|{self.mtime_ns}"
+        if self.format != "shards":  # (plain shards keep the key they always had: their caches stay valid)
+            ident += f"|{self.format}|{sorted(self.meta)}"
+        return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,3 +172,28 @@ def present_counts(shards: list[Shard], options: StorageOptions | None = None) -
                 nulls += stats.null_count
             counts[col] += shard.rows - nulls
     return counts
+
+
+def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
+    """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
+    fs, _ = resolve(uri, storage)
+    try:
+        pf = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:  # deleted since it was listed, the store is down, a bad footer
+        raise read_error(uri, fs, path, exc) from exc
+    present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+    offset = 0
+    batches = pf.iter_batches(batch_size=rows_per_batch, columns=present)
+    while True:
+        try:
+            rb = next(batches, None)
+        except (OSError, pa.ArrowException) as exc:  # a corrupt page behind a valid footer, or the store
+            raise read_error(uri, fs, path, exc, after_row=offset) from exc
+        if rb is None:
+            break
+        t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
+        n = t.num_rows
+        t = t.append_column("source", pa.array([uri] * n, pa.string()))
+        t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
+        offset += n
+        yield t

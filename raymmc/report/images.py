@@ -11,12 +11,18 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from raymmc.io.shards import Shard
 from raymmc.io.storage import StorageError, StorageOptions, resolve
 
+READ_ROWS = 256  # rows per record batch when an image is read through a format's reader
 
-def load_images(pairs: Sequence[tuple[str, int]], storage_options: StorageOptions | None = None
-                ) -> list[bytes | None]:
+
+def load_images(pairs: Sequence[tuple[str, int]], storage_options: StorageOptions | None = None,
+                shards: Sequence[Shard] = ()) -> list[bytes | None]:
     """The encoded ``image`` of each ``(source file URI, row)``, or None where there is none.
+
+    ``shards``: the run's input files; a file in another archive format (``raymmc.io.formats``: a tar, a COCO
+    annotation file, img2dataset Parquet) is read through its format's reader, up to its last wanted row.
 
     Reads only the ``image`` column of the row groups that hold a wanted row, one file at a
     time, so a report of a large archive reads a few MB rather than the archive. A file that
@@ -27,7 +33,11 @@ def load_images(pairs: Sequence[tuple[str, int]], storage_options: StorageOption
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, (source, _) in enumerate(pairs):
         by_file[source].append(i)
+    other = {s.uri: s for s in shards if s.format != "shards"}
     for source, positions in by_file.items():
+        if source in other:
+            _from_reader(other[source], pairs, positions, out, storage_options)
+            continue
         try:
             fs, path = resolve(source, storage_options)
             pf = pq.ParquetFile(fs.open_input_file(path))
@@ -47,6 +57,32 @@ def load_images(pairs: Sequence[tuple[str, int]], storage_options: StorageOption
                 value = column[int(pairs[i][1]) - int(starts[g])].as_py()
                 out[i] = value if value else None
     return out
+
+
+def _from_reader(shard: Shard, pairs: Sequence[tuple[str, int]], positions: list[int], out: list,
+                 storage_options: StorageOptions | None) -> None:
+    """Fill ``out`` at ``positions`` from the format reader's records (a file that cannot be read leaves None)."""
+    from raymmc.io.formats import read_batches
+
+    wanted: dict[int, list[int]] = defaultdict(list)
+    for i in positions:
+        wanted[int(pairs[i][1])].append(i)
+    last = max(wanted)
+    try:
+        for batch in read_batches(shard, storage_options, READ_ROWS):
+            rows = batch.column("row").to_pylist()
+            if not any(r in wanted for r in rows):
+                if rows and rows[-1] >= last:
+                    return
+                continue
+            images = batch.column("image").to_pylist()
+            for r, image in zip(rows, images):
+                for i in wanted.get(r, ()):
+                    out[i] = image or None
+            if rows and rows[-1] >= last:
+                return
+    except Exception:  # moved, changed or unreadable since the run read it: fewer pictures, not a failed report
+        return
 
 
 def thumbnail(data: bytes | None, size: int = 128) -> str | None:
