@@ -256,6 +256,22 @@ def test_coco_reader(tmp_path, items):
     assert first["caption"] == items[0][2] and first["label"] == items[0][3]
 
 
+def test_coco_skips_instance_annotations(tmp_path, items):
+    """COCO's instances_* / person_keypoints_* files share the annotations folder and its 'images' list: they are
+    not caption files, so each image is read once (from the captions file)."""
+    coco = write_coco(tmp_path / "coco", items[:4])
+    doc = json.loads((tmp_path / "coco" / "annotations" / "captions_val2017.json").read_text())
+    boxes = [{"id": n, "image_id": im["id"], "bbox": [0, 0, 1, 1], "category_id": 1}
+             for n, im in enumerate(doc["images"])]
+    for name in ("instances_val2017.json", "person_keypoints_val2017.json"):
+        (tmp_path / "coco" / "annotations" / name).write_text(json.dumps({**doc, "annotations": boxes}))
+    assert detect(str(tmp_path / "coco"))[0] == "coco"
+    found = discover_input(str(tmp_path / "coco"))
+    assert [s.path.rsplit("/", 1)[-1] for s in found.shards] == ["captions_val2017.json"]
+    _, t = read_all(str(tmp_path / "coco"))
+    assert sorted(t.column("id").to_pylist()) == sorted(coco["ids"])
+
+
 @pytest.mark.slow
 def test_coco_run(ray_session, tmp_path, items, feature_cache):
     coco = write_coco(tmp_path / "coco", items)

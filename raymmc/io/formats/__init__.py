@@ -57,7 +57,7 @@ def detect(uri: str, options: StorageOptions | None = None) -> tuple[str, str]:
             except ValueError:
                 continue
             if coco.is_coco(doc):
-                return "coco", f"{posixpath.basename(e.path)} has COCO's 'images' and 'annotations' lists"
+                return "coco", f"{posixpath.basename(e.path)} has COCO's 'images' and captioned 'annotations'"
     if not parquet:
         raise ShardError(f"{uri}: no archive files found (.parquet, .tar, COCO .json, .npy embeddings)")
     fs, _ = resolve(uri, options)

@@ -29,12 +29,19 @@ def parse(raw: bytes, where: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ShardError(f"{where}: not valid JSON ({exc})") from exc
     if not is_coco(doc):
-        raise ShardError(f"{where}: not a COCO caption file (needs 'images' and 'annotations' lists)")
+        raise ShardError(f"{where}: not a COCO caption file (needs 'images' and 'annotations' lists, the "
+                         "annotations with a 'caption')")
     return doc
 
 
 def is_coco(doc: object) -> bool:
-    return isinstance(doc, dict) and isinstance(doc.get("images"), list) and isinstance(doc.get("annotations"), list)
+    """A COCO caption file: ``images`` and ``annotations`` lists whose annotations have a ``caption``. COCO's
+    instances_* / person_keypoints_* files beside it have the same two lists (with boxes, no captions): read as
+    captions, they would read every image once more."""
+    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list) and isinstance(doc.get("annotations"), list)):
+        return False
+    first = doc["annotations"][:5]
+    return bool(first) and all(isinstance(a, dict) and "caption" in a for a in first)
 
 
 def candidate_image_dirs(json_uri: str) -> list[str]:
@@ -69,14 +76,19 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
     for e in list_files(uri, ".json", options):
         if e.path.endswith("_stats.json"):  # img2dataset's statistics, not annotations
             continue
-        doc = parse(read_bytes(e.uri, options), e.uri)
+        try:
+            doc = json.loads(read_bytes(e.uri, options))
+        except ValueError as exc:
+            raise ShardError(f"{e.uri}: not valid JSON ({exc})") from exc
+        if not is_coco(doc):  # another JSON beside the captions (instances_*.json...): not ours to read
+            continue
         image_dir = find_image_dir(e.uri, doc, options, cfg.coco_images)
         meta = {"images": image_dir, "captions": cfg.coco_captions, "separator": cfg.coco_caption_separator,
                 "label_column": cfg.label_column or ""}
         shards.append(Shard(e.uri, e.path, e.size, len(doc["images"]), ("id", "image", "caption", "label"),
                             e.mtime_ns, format="coco", meta=tuple(sorted((k, v) for k, v in meta.items() if v))))
     if not shards:
-        raise ShardError(f"{uri}: no COCO annotation (.json) files found")
+        raise ShardError(f"{uri}: no COCO caption files found (.json with 'images' and captioned 'annotations')")
     return shards
 
 
