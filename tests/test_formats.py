@@ -272,6 +272,22 @@ def test_coco_skips_instance_annotations(tmp_path, items):
     assert sorted(t.column("id").to_pylist()) == sorted(coco["ids"])
 
 
+def test_coco_file_names_stay_in_the_image_folder(tmp_path, items):
+    """An absolute or '..' file_name would read any file the worker can: it is refused, as an image note."""
+    coco = write_coco(tmp_path / "coco", items[:3])
+    (tmp_path / "secret.jpg").write_bytes(items[0][1])
+    path = tmp_path / "coco" / "annotations" / "captions_val2017.json"
+    doc = json.loads(path.read_text())
+    doc["images"][1]["file_name"] = "../../secret.jpg"
+    doc["images"][2]["file_name"] = str(tmp_path / "secret.jpg")
+    path.write_text(json.dumps(doc))
+    _, t = read_all(str(tmp_path / "coco"))
+    rows = {r["id"]: r for r in t.to_pylist()}
+    assert rows[coco["ids"][0]]["image"] == items[0][1]
+    for escaping in (rows[coco["ids"][1]], rows[coco["ids"][2]]):
+        assert escaping["image"] is None and "outside the image folder" in escaping["image_issue"]
+
+
 @pytest.mark.slow
 def test_coco_run(ray_session, tmp_path, items, feature_cache):
     coco = write_coco(tmp_path / "coco", items)

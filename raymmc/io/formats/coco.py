@@ -44,6 +44,12 @@ def is_coco(doc: object) -> bool:
     return bool(first) and all(isinstance(a, dict) and "caption" in a for a in first)
 
 
+def inside(name: str) -> bool:
+    """Whether a ``file_name`` stays inside the image folder: relative and without ``..`` (an annotation file must
+    not make a read task open any file the worker can read)."""
+    return not (name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name))
+
+
 def candidate_image_dirs(json_uri: str) -> list[str]:
     """Where COCO's images usually are, relative to an annotation file."""
     sep = posixpath if is_remote(json_uri) else os.path
@@ -59,7 +65,8 @@ def candidate_image_dirs(json_uri: str) -> list[str]:
 def find_image_dir(json_uri: str, doc: dict, options: StorageOptions | None, configured: str | None) -> str:
     from raymmc.io.storage import exists, join
 
-    first = next((im.get("file_name") for im in doc["images"] if isinstance(im, dict) and im.get("file_name")), None)
+    names = (im.get("file_name") for im in doc["images"] if isinstance(im, dict))
+    first = next((n for n in names if isinstance(n, str) and n and inside(n)), None)
     if configured:
         return configured
     if first is None:
@@ -125,7 +132,9 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
     for id_, name, caption, label, issue in items(doc, shard.get("captions", "join"), shard.get("separator", " "),
                                                   shard.get("label_column")):
         image, image_issue = None, issue
-        if isinstance(name, str) and name:
+        if isinstance(name, str) and name and not inside(name):
+            image_issue = f"image: file_name {name!r} is outside the image folder (absolute or '..'); not read"
+        elif isinstance(name, str) and name:
             try:
                 with fs.open_input_stream(sep.join(base, name)) as f:
                     image = f.read()
