@@ -173,6 +173,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("summary: map_points, top_images, top_terms and representatives must be >= 0")
     if sm.candidates < max(sm.top_images, sm.representatives, 1) or sm.max_terms < max(sm.top_terms, 1):
         raise ConfigError("summary: need candidates >= top_images, representatives and max_terms >= top_terms")
+    if cfg.archive.max_member_bytes < 1:
+        raise ConfigError("archive.max_member_bytes must be >= 1")
     if cfg.archive.duplicate_groups_shown < 0:
         raise ConfigError("archive.duplicate_groups_shown must be >= 0")
     for key in ("image_dim", "text_dim"):

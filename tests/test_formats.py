@@ -191,12 +191,56 @@ def test_webdataset_reader(tmp_path, items):
     assert rows[FAILED[0][0]]["reject"] == f"img2dataset status {FAILED[0][1]}: {FAILED[0][2]}"
 
 
-def test_webdataset_corrupt_tar_names_the_file(tmp_path, items):
-    write_webdataset(tmp_path / "wds", items)
-    data = (tmp_path / "wds" / "00001.tar").read_bytes()
-    (tmp_path / "wds" / "00001.tar").write_bytes(data[:700])  # cut inside a member's data
-    with pytest.raises(ShardError, match="00001.tar: unreadable tar data"):
-        discover_input(str(tmp_path / "wds"))
+def write_tar(path, items, mode: str = "w") -> None:
+    with tarfile.open(path, mode) as tf:
+        for key, img, cap, _ in items:
+            add(tf, f"{key}.jpg", img)
+            add(tf, f"{key}.txt", cap.encode())
+
+
+def test_webdataset_truncated_tar(tmp_path, items):
+    """A tar that breaks off keeps the samples before the break, and the one it broke in is rejected saying why
+    (discovery counts the same ones: read_all checks); one that breaks before its first sample names the file."""
+    root = tmp_path / "cut"
+    root.mkdir()
+    write_tar(root / "00000.tar", items[:3])
+    with tarfile.open(root / "00000.tar") as tf:
+        second_jpg = tf.getmembers()[2]
+    data = (root / "00000.tar").read_bytes()
+    (root / "00000.tar").write_bytes(data[:second_jpg.offset_data + 100])  # cut inside the 2nd sample's image
+    _, t = read_all(str(root))
+    assert t.column("id").to_pylist() == [items[0][0], items[1][0]]
+    assert t.column("image").to_pylist()[0] == items[0][1] and t.column("reject").to_pylist()[0] is None
+    assert t.column("reject").to_pylist()[1].startswith(f"tar data breaks off at member {items[1][0]}.jpg")
+
+    write_tar(root / "00000.tar.gz", items[:6], "w:gz")  # a compressed tar cut short: the same rule
+    (root / "00000.tar").unlink()
+    data = (root / "00000.tar.gz").read_bytes()
+    (root / "00000.tar.gz").write_bytes(data[: len(data) * 2 // 3])
+    _, t = read_all(str(root))
+    rejects = t.column("reject").to_pylist()
+    assert 1 < len(rejects) <= 6 and rejects[-1].startswith("tar data breaks off") and not any(rejects[:-1])
+
+    (root / "00000.tar.gz").write_bytes(data[:20])  # not even the first header
+    with pytest.raises(ShardError, match="00000.tar.gz: unreadable tar data"):
+        discover_input(str(root))
+
+
+def test_webdataset_member_size_limit(tmp_path, items):
+    """A member over archive.max_member_bytes is not read: a note on its view, the rest of the sample is kept."""
+    (tmp_path / "big").mkdir()
+    small, big = sorted(items[:2], key=lambda it: len(it[1]))
+    with tarfile.open(tmp_path / "big" / "00000.tar", "w") as tf:
+        add(tf, f"{small[0]}.jpg", small[1])
+        add(tf, f"{small[0]}.txt", b"x" * (len(small[1]) + 1))
+        add(tf, f"{big[0]}.jpg", big[1])
+        add(tf, f"{big[0]}.txt", big[2].encode())
+    _, t = read_all(str(tmp_path / "big"), ArchiveConfig(max_member_bytes=len(small[1])))
+    rows = {r["id"]: r for r in t.to_pylist()}
+    assert rows[small[0]]["image"] == small[1] and rows[small[0]]["caption"] is None
+    assert "over archive.max_member_bytes" in rows[small[0]]["caption_issue"]
+    assert rows[big[0]]["image"] is None and rows[big[0]]["caption"] == big[2]
+    assert rows[big[0]]["image_issue"].startswith(f"image: member {big[0]}.jpg is {len(big[1])} bytes")
 
 
 @pytest.mark.slow

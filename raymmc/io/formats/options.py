@@ -29,6 +29,10 @@ class ArchiveConfig:
     # COCO: the folder of the images named by `file_name`; None: looked for beside the annotation file
     # (its folder, `images/`, or `../<split>/` for `annotations/captions_<split>.json`).
     coco_images: str | None = None
+    # WebDataset: a tar member larger than this is not read (its item gets a note). A read task holds members in
+    # memory, and the decode stage's guards (max_pixels) only see the bytes once they are there: one huge member
+    # (a video, a hostile tar) must not take the worker down first.
+    max_member_bytes: int = 256 * 2**20
     # Precomputed vectors in Parquet: the list / fixed-size-list column of each view. "auto": a float list column
     # whose name mentions text (text vectors) or not (image vectors); "none": that view is not precomputed.
     image_vectors: str = "auto"

@@ -42,40 +42,56 @@ def split_key(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), (field if dot else "")
 
 
-def _members(fileobj, where: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+# What a tar that breaks off raises: tarfile's errors (truncated data, corrupt compression); OSError is storage.
+BROKEN = (tarfile.TarError, EOFError, ValueError)
+
+
+def samples(fileobj, where: str, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes], dict[str, str], str | None]]:
+    """``(key, {field: bytes}, {field: why it was not read}, broken)`` in tar order, grouping consecutive members
+    with the same key; a member over ``max_bytes`` is skipped unread. A tar that breaks off (truncated, corrupt)
+    ends with the sample it broke in, ``broken`` saying why: the samples before it are kept, and they are the ones
+    ``count_samples`` counted. A tar that breaks before its first sample is a ShardError."""
+    key, fields, skipped, member = None, {}, {}, None
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
             for m in tf:
-                yield m, tf
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ShardError(f"{where}: unreadable tar data ({exc})") from exc
-
-
-def samples(fileobj, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {field: bytes})`` in tar order, grouping consecutive members with the same key."""
-    key, fields = None, {}
-    for m, tf in _members(fileobj, where):
-        if not m.isfile():
-            continue
-        k, field = split_key(m.name)
-        if posixpath.basename(m.name).startswith(".") or not field:
-            continue  # hidden files and members without an extension are not sample fields
-        if k != key:
-            if key is not None:
-                yield key, fields
-            key, fields = k, {}
-        fields[field.lower()] = tf.extractfile(m).read()
+                if not m.isfile():
+                    continue
+                k, field = split_key(m.name)
+                if posixpath.basename(m.name).startswith(".") or not field:
+                    continue  # hidden files and members without an extension are not sample fields
+                if k != key:
+                    if key is not None:
+                        yield key, fields, skipped, None
+                    key, fields, skipped = k, {}, {}
+                member = m.name
+                if m.size > max_bytes:  # tarfile skips its data as it streams on: never held in memory
+                    skipped[field.lower()] = (f"member {m.name} is {m.size} bytes, over archive.max_member_bytes="
+                                              f"{max_bytes}; not read")
+                    continue
+                fields[field.lower()] = tf.extractfile(m).read()
+    except OSError as exc:
+        raise StorageError(f"cannot read {where}: {exc}") from exc
+    except BROKEN as exc:
+        if key is None:
+            raise ShardError(f"{where}: unreadable tar data ({exc})") from exc
+        yield key, fields, skipped, f"tar data breaks off at member {member} ({exc}): the tar is truncated or corrupt"
+        return
     if key is not None:
-        yield key, fields
+        yield key, fields, skipped, None
 
 
 def count_samples(uri: str, path: str, fs) -> int:
     """Samples in a tar, from its member headers. An uncompressed tar is walked header to header (tarfile seeks
-    past each member's data: 512 bytes read per member, not the archive); a compressed one has to be streamed."""
+    past each member's data: 512 bytes read per member, not the archive); a compressed one has to be streamed.
+    A tar that breaks off counts the samples up to the break, the one it broke in included (``samples`` yields
+    the same ones, the last rejected)."""
     n, key = 0, None
     plain = path.endswith(".tar")
     try:
-        f = fs.open_input_file(path) if plain else fs.open_input_stream(path)
+        # compression=None: tarfile decompresses, so a corrupt .tar.gz is a tarfile error (a break), not an OSError
+        # from Arrow's decompressor that reads like a storage failure (the same in ``read``)
+        f = fs.open_input_file(path) if plain else fs.open_input_stream(path, compression=None)
     except (OSError, FileNotFoundError) as exc:
         raise StorageError(f"cannot read {uri}: {exc}") from exc
     with f:
@@ -87,8 +103,11 @@ def count_samples(uri: str, path: str, fs) -> int:
                 k, field = split_key(m.name)
                 if field and k != key:
                     n, key = n + 1, k
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise ShardError(f"{uri}: unreadable tar data ({exc})") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc}") from exc
+        except BROKEN as exc:
+            if n == 0:
+                raise ShardError(f"{uri}: unreadable tar data ({exc})") from exc
     return n
 
 
@@ -109,7 +128,7 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
         counts = list(pool.map(lambda e: count_samples(e.uri, e.path, fs), entries))
     shards = []
     for e, rows in zip(entries, counts):
-        meta = {"label_column": cfg.label_column or ""}
+        meta = {"label_column": cfg.label_column or "", "max_member_bytes": str(cfg.max_member_bytes)}
         side = sidecar_of(e.path)
         info = fs.get_file_info(side)
         if info.type == pa.fs.FileType.File:
@@ -122,16 +141,27 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
     return shards
 
 
-def to_record(key: str, fields: dict[str, bytes], label_column: str | None) -> tuple:
-    """One sample -> (id, image, caption, label, image_issue, caption_issue)."""
+def to_record(key: str, fields: dict[str, bytes], label_column: str | None, skipped: dict[str, str] | None = None,
+              broken: str | None = None) -> tuple:
+    """One sample -> (id, image, caption, label, image_issue, caption_issue, reject). ``skipped``: fields not read
+    (why, per field); ``broken``: the tar broke off in this sample, which is rejected for it."""
+    if broken:
+        return key, None, None, None, None, None, broken
+    skipped = skipped or {}
     # the field named for an image type, else one that ends with it (WebDataset's "left.jpg" of "a.left.jpg")
     image = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
     if image is None:
         image = next((v for f, v in fields.items() if f.rsplit(".", 1)[-1] in IMAGE_FIELDS), None)
     image_issue = None
-    if image is None and fields:
+    too_big = next((why for f, why in skipped.items() if f.rsplit(".", 1)[-1] in IMAGE_FIELDS), None)
+    if image is None and too_big:
+        image_issue = f"image: {too_big}"
+    elif image is None and fields:
         image_issue = f"image: no image member (fields: {', '.join(sorted(fields))})"
     meta, caption_issue = {}, None
+    too_big = next((why for f, why in skipped.items() if f in TEXT_FIELDS or f == "json"), None)
+    if too_big:
+        caption_issue = f"caption: {too_big}"
     if "json" in fields:
         try:
             meta = json.loads(fields["json"])
@@ -147,26 +177,27 @@ def to_record(key: str, fields: dict[str, bytes], label_column: str | None) -> t
         label = text_of(fields["cls"], "cls")[0].strip()
     elif label_column and label_column in meta:
         label = label_text(meta[label_column])
-    return key, image, caption, label, image_issue, note or caption_issue
+    return key, image, caption, label, image_issue, note or caption_issue, None
 
 
 def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> Iterator[pa.Table]:
     fs, _ = resolve(shard.uri, storage)
     label_column = shard.get("label_column")
+    max_bytes = int(shard.get("max_member_bytes") or ArchiveConfig.max_member_bytes)
     row, buf = 0, []
 
     def flush() -> pa.Table:
         cols = list(zip(*buf))
         return records(cols[0], cols[1], cols[2], cols[3], shard.uri, row - len(buf),
-                       notes={"image_issue": cols[4], "caption_issue": cols[5]})
+                       notes={"image_issue": cols[4], "caption_issue": cols[5], "reject": cols[6]})
 
     try:
-        stream = fs.open_input_stream(shard.path)
+        stream = fs.open_input_stream(shard.path, compression=None)
     except (OSError, FileNotFoundError) as exc:
         raise StorageError(f"cannot read {shard.uri}: {exc}") from exc
     with stream:
-        for key, fields in samples(stream, shard.uri):
-            buf.append(to_record(key, fields, label_column))
+        for key, fields, skipped, broken in samples(stream, shard.uri, max_bytes):
+            buf.append(to_record(key, fields, label_column, skipped, broken))
             row += 1
             if len(buf) >= rows_per_batch:
                 yield flush()
