@@ -120,6 +120,21 @@ def test_img2dataset_reader(tmp_path, items):
     assert all(r["image"] and r["caption"] and r["label"] in CLASSES for r in ok)
 
 
+def test_img2dataset_detected_beside_an_id_column(tmp_path, items):
+    """img2dataset run with save_additional_columns=["id"] has an `id` too: still img2dataset (its status, or its
+    key with a jpg), not raymmc's shards (whose reader would ignore the jpg column)."""
+    (tmp_path / "withid").mkdir()
+    rows = [{"id": f"item-{k}", "key": k, "caption": c, "status": "success", "error_message": None, "jpg": img}
+            for k, img, c, _ in items[:2]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "withid" / "00000.parquet")
+    fmt, why = detect(str(tmp_path / "withid"))
+    assert fmt == "img2dataset" and "'status'" in why
+    _, t = read_all(str(tmp_path / "withid"))
+    assert t.column("image").to_pylist() == [items[0][1], items[1][1]]
+    pq.write_table(pa.Table.from_pylist(rows).drop(["status", "error_message"]), tmp_path / "withid" / "00000.parquet")
+    assert detect(str(tmp_path / "withid"))[0] == "img2dataset"
+
+
 @pytest.mark.slow
 def test_img2dataset_run(ray_session, tmp_path, items, feature_cache):
     keys = write_img2dataset(tmp_path / "i2d", items)

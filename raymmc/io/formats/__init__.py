@@ -69,8 +69,13 @@ def detect(uri: str, options: StorageOptions | None = None) -> tuple[str, str]:
     vectors = [n for n in schema.names if embeddings.is_vector_type(schema.field(n).type)]
     if vectors:
         return "embeddings", f"{name} has float vector column(s) {vectors}"
-    if "id" not in schema.names and "key" in schema.names:
-        return "img2dataset", f"{name} has img2dataset's 'key' column (and no 'id')"
+    # img2dataset's own columns: its status, or its key with the image (an `id` may be there too: img2dataset run
+    # with save_additional_columns=["id"] is still img2dataset, its image in `jpg`, not raymmc's `image`)
+    names = set(schema.names)
+    marks = [c for c in ("key", "status", "error_message", "jpg", "png", "webp") if c in names]
+    if ({"status", "error_message"} <= names or ("key" in names and names & {"jpg", "png", "webp"})
+            or ("key" in names and "id" not in names)):
+        return "img2dataset", f"{name} has img2dataset's column(s) {', '.join(repr(c) for c in marks)}"
     return "shards", f"{name} has raymmc's shard columns ('id' with 'image' / 'caption')"
 
 
