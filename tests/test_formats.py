@@ -313,6 +313,8 @@ def test_coco_reader(tmp_path, items):
     _, t = read_all(str(tmp_path / "coco"), ArchiveConfig(coco_captions="first", label_column="label"))
     first = t.to_pylist()[0]
     assert first["caption"] == items[0][2] and first["label"] == items[0][3]
+    _, t = read_all(str(tmp_path / "coco"), ArchiveConfig(coco_caption_separator=""))  # "" is kept, not " "
+    assert t.to_pylist()[0]["caption"] == f"{items[0][2]}a {items[0][3]} picture"
 
 
 def test_coco_skips_instance_annotations(tmp_path, items):

@@ -91,9 +91,11 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
             continue
         image_dir = find_image_dir(e.uri, doc, options, cfg.coco_images)
         meta = {"images": image_dir, "captions": cfg.coco_captions, "separator": cfg.coco_caption_separator,
-                "label_column": cfg.label_column or ""}
+                "label_column": cfg.label_column}
+        # `is not None`: an empty separator is a setting, not an absence
         shards.append(Shard(e.uri, e.path, e.size, len(doc["images"]), ("id", "image", "caption", "label"),
-                            e.mtime_ns, format="coco", meta=tuple(sorted((k, v) for k, v in meta.items() if v))))
+                            e.mtime_ns, format="coco",
+                            meta=tuple(sorted((k, v) for k, v in meta.items() if v is not None))))
     if not shards:
         raise ShardError(f"{uri}: no COCO caption files found (.json with 'images' and captioned 'annotations')")
     return shards

@@ -55,7 +55,7 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
              "status": "status" if "status" in names else None,
              "error": "error_message" if "error_message" in names else None}
         shards.append(Shard(e.uri, e.path, e.size, meta.num_rows, columns, e.mtime_ns, format="img2dataset",
-                            meta=tuple((k, v) for k, v in sorted(m.items()) if v)))
+                            meta=tuple((k, v) for k, v in sorted(m.items()) if v is not None)))
     return shards
 
 

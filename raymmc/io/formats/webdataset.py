@@ -128,7 +128,7 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
         counts = list(pool.map(lambda e: count_samples(e.uri, e.path, fs), entries))
     shards = []
     for e, rows in zip(entries, counts):
-        meta = {"label_column": cfg.label_column or "", "max_member_bytes": str(cfg.max_member_bytes)}
+        meta = {"label_column": cfg.label_column, "max_member_bytes": str(cfg.max_member_bytes)}
         side = sidecar_of(e.path)
         info = fs.get_file_info(side)
         if info.type == pa.fs.FileType.File:
@@ -137,7 +137,7 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
                 rows += failed.num_rows
                 meta.update(sidecar=side, sidecar_mtime=str(info.mtime_ns), sidecar_size=str(info.size))
         shards.append(Shard(e.uri, e.path, e.size, rows, ("id", "image", "caption", "label"), e.mtime_ns,
-                            format="webdataset", meta=tuple(sorted((k, v) for k, v in meta.items() if v))))
+                            format="webdataset", meta=tuple(sorted((k, v) for k, v in meta.items() if v is not None))))
     return shards
 
 
