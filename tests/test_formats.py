@@ -423,6 +423,16 @@ def test_embeddings_readers(tmp_path):
     assert issues[col["null"]] is None and t.column("image_feat").null_count == 3
 
 
+def test_vector_column_names():
+    """auto: a vector column named for text (text, txt, caption: clip-retrieval's txt_emb) holds text vectors."""
+    from raymmc.io.formats.embeddings import vector_columns
+
+    vec = pa.list_(pa.float32())
+    for image, text in (("img_emb", "txt_emb"), ("image_embedding", "caption_emb"), ("clip", "text_vec")):
+        schema = pa.schema([("id", pa.string()), (image, vec), (text, vec)])
+        assert vector_columns(schema, ArchiveConfig(), "f") == {"image": image, "text": text}
+
+
 def test_npy_object_arrays_are_refused(tmp_path):
     write_clip_retrieval(tmp_path / "clip")
     np.save(tmp_path / "clip" / "img_emb" / "img_emb_0.npy", np.array([{"a": 1}] * 15, dtype=object),

@@ -28,6 +28,8 @@ from raymmc.io.shards import Shard, ShardError, read_error
 from raymmc.io.storage import StorageOptions, list_files, resolve
 
 NPY_DIRS = {"img_emb": "image", "text_emb": "text"}
+# A vector column whose name has one of these is a text vector (clip-retrieval's txt_emb, caption_emb...).
+TEXT_HINTS = ("text", "txt", "caption")
 _NUMBER = re.compile(r"(\d+)\.(?:npy|parquet)$")
 
 
@@ -48,7 +50,7 @@ def vector_columns(schema: pa.Schema, cfg: ArchiveConfig, where: str) -> dict[st
                 raise ShardError(f"{where}: no float list column {configured!r} (archive.{view}_vectors)")
             out[view] = configured
             continue
-        found = [n for n in auto if ("text" in n.lower()) == (view == "text")]
+        found = [n for n in auto if any(h in n.lower() for h in TEXT_HINTS) == (view == "text")]
         if len(found) > 1:
             raise ShardError(f"{where}: several {view} vector columns {found}; choose one with archive.{view}_vectors")
         if found:

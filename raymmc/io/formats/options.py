@@ -34,7 +34,7 @@ class ArchiveConfig:
     # (a video, a hostile tar) must not take the worker down first.
     max_member_bytes: int = 256 * 2**20
     # Precomputed vectors in Parquet: the list / fixed-size-list column of each view. "auto": a float list column
-    # whose name mentions text (text vectors) or not (image vectors); "none": that view is not precomputed.
+    # whose name mentions text, txt or caption (text vectors) or not (image vectors); "none": not precomputed.
     image_vectors: str = "auto"
     text_vectors: str = "auto"
     # Expected vector dimensions; None: the first file's. Vectors of another dimension are dropped, with a note.
