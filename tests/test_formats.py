@@ -433,6 +433,19 @@ def test_vector_column_names():
         assert vector_columns(schema, ArchiveConfig(), "f") == {"image": image, "text": text}
 
 
+def test_npy_paired_by_folder_and_number(tmp_path):
+    """Two clip-retrieval outputs under one input (both with a metadata_0): each metadata file gets the .npy files
+    of its own folder."""
+    write_clip_retrieval(tmp_path / "both" / "a", n=30)
+    write_clip_retrieval(tmp_path / "both" / "b", n=20)
+    found = discover_input(str(tmp_path / "both"))
+    assert len(found.shards) == 4
+    for s in found.shards:
+        folder = s.path.rsplit("/metadata/", 1)[0]
+        assert s.get("image_npy").startswith(f"{folder}/img_emb/") and s.get("text_npy").startswith(f"{folder}/")
+    assert read_all(str(tmp_path / "both"))[1].num_rows == 50
+
+
 def test_npy_object_arrays_are_refused(tmp_path):
     write_clip_retrieval(tmp_path / "clip")
     np.save(tmp_path / "clip" / "img_emb" / "img_emb_0.npy", np.array([{"a": 1}] * 15, dtype=object),

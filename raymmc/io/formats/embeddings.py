@@ -112,12 +112,13 @@ def _metadata_columns(names: list[str], cfg: ArchiveConfig, where: str) -> dict[
 
 def _discover_npy(uri: str, npys, options: StorageOptions | None, cfg: ArchiveConfig) -> list[Shard]:
     fs, _ = resolve(uri, options)
-    by_number: dict[str, dict[str, object]] = {}
+    # paired by (output folder, number): two clip-retrieval outputs under one input both have a metadata_0
+    by_number: dict[tuple[str, str], dict[str, object]] = {}
     for e in npys:
         view = NPY_DIRS.get(posixpath.basename(posixpath.dirname(e.path)))
         m = _NUMBER.search(e.path)
         if view and m:
-            by_number.setdefault(m.group(1), {})[view] = e
+            by_number.setdefault((posixpath.dirname(posixpath.dirname(e.path)), m.group(1)), {})[view] = e
     metas = [e for e in list_files(uri, ".parquet", options)
              if posixpath.basename(posixpath.dirname(e.path)) == "metadata"]
     if not metas:
@@ -126,9 +127,10 @@ def _discover_npy(uri: str, npys, options: StorageOptions | None, cfg: ArchiveCo
     shards = []
     for e in metas:
         m = _NUMBER.search(e.path)
-        vecs = by_number.get(m.group(1), {}) if m else {}
+        vecs = by_number.get((posixpath.dirname(posixpath.dirname(e.path)), m.group(1)), {}) if m else {}
         if not vecs:
-            raise ShardError(f"{e.uri}: no img_emb/img_emb_<n>.npy or text_emb/text_emb_<n>.npy with its number")
+            raise ShardError(f"{e.uri}: no img_emb/img_emb_<n>.npy or text_emb/text_emb_<n>.npy with its number "
+                             "beside its metadata/ folder")
         try:
             meta_pq = pq.read_metadata(e.path, filesystem=fs)
         except (OSError, pa.ArrowInvalid) as exc:
