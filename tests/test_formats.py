@@ -258,6 +258,23 @@ def test_webdataset_member_size_limit(tmp_path, items):
     assert rows[big[0]]["image_issue"].startswith(f"image: member {big[0]}.jpg is {len(big[1])} bytes")
 
 
+def test_sidecar_failures_counted_from_status(tmp_path, monkeypatch):
+    """Discovery counts a tar's sidecar failures from the status column alone (no per-row conversion), and the
+    count is what the reader yields."""
+    import pyarrow.fs as pafs
+
+    from raymmc.io.formats import img2dataset
+
+    side = tmp_path / "00000.parquet"
+    status = ["success", "failed_to_download", None, "failed_to_resize"]  # a null status is not a failure
+    pq.write_table(pa.table({"key": ["a", "b", "c", "d"], "status": status, "error_message": [None, "404", None, "x"]}),
+                   side)
+    fs = pafs.LocalFileSystem()
+    assert img2dataset.failed_rows(str(side), fs, "x", 0).num_rows == 2
+    monkeypatch.setattr(img2dataset, "convert", None)  # counting must not convert rows
+    assert img2dataset.count_failed(str(side), fs) == 2
+
+
 @pytest.mark.slow
 def test_webdataset_run(ray_session, tmp_path, items, feature_cache):
     wds = write_webdataset(tmp_path / "wds", items)

@@ -130,3 +130,13 @@ def failed_rows(path: str, fs, source: str, first_row: int, id_column: str = "ke
     t = t.filter(pc.not_equal(t.column("status"), "success"))
     return convert(t, {"id": id_column, "image": None, "caption": None, "label": None, "status": "status",
                        "error": "error_message" if "error_message" in names else None}, source, first_row)
+
+
+def count_failed(path: str, fs, id_column: str = "key") -> int | None:
+    """How many rows ``failed_rows`` yields for this sidecar (None: no status column), from the status column
+    alone: discovery counts every tar's rows on the driver, and needs no ids, messages or per-row lists for it."""
+    names = pq.read_schema(path, filesystem=fs).names
+    if "status" not in names or id_column not in names:
+        return None
+    status = pq.read_table(path, filesystem=fs, columns=["status"]).column("status")
+    return int(pc.sum(pc.not_equal(status, "success")).as_py() or 0)  # null status: not a failure (see convert)

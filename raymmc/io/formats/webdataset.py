@@ -23,7 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
 
-from raymmc.io.formats.img2dataset import failed_rows
+from raymmc.io.formats.img2dataset import count_failed, failed_rows
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records, text_of
 from raymmc.io.shards import Shard, ShardError
@@ -132,9 +132,9 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
         side = sidecar_of(e.path)
         info = fs.get_file_info(side)
         if info.type == pa.fs.FileType.File:
-            failed = failed_rows(side, fs, e.uri, rows)
+            failed = count_failed(side, fs)
             if failed is not None:
-                rows += failed.num_rows
+                rows += failed
                 meta.update(sidecar=side, sidecar_mtime=str(info.mtime_ns), sidecar_size=str(info.size))
         shards.append(Shard(e.uri, e.path, e.size, rows, ("id", "image", "caption", "label"), e.mtime_ns,
                             format="webdataset", meta=tuple(sorted((k, v) for k, v in meta.items() if v is not None))))
