@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+_YAML_TRUE = ("on", "yes", "y", "true")
+_YAML_FALSE = ("off", "no", "n", "false")
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
@@ -34,6 +38,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
     if origin is typing.Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 (PyYAML, --set) reads off/no/on/yes as booleans: give back the choice the user wrote.
+            spellings = _YAML_TRUE if value else _YAML_FALSE
+            named = [a for a in args if isinstance(a, str) and a.lower() in spellings]
+            if len(named) == 1:
+                return named[0]
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value

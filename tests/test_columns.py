@@ -90,7 +90,7 @@ row = st.tuples(st.sampled_from(["a", "b", "c", "d", "e", None, ""]), st.sampled
 shard = st.tuples(st.sampled_from(CONTENT), st.booleans(), st.lists(row, min_size=0, max_size=5))
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+@settings(max_examples=4, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(files=st.lists(shard, min_size=1, max_size=3))
 def test_every_row_is_accounted_for_exactly_once(ray_session, files):

@@ -29,3 +29,11 @@ def test_defaults_yaml_values_and_overrides(tmp_path):
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])
+
+
+def test_yaml_booleans_name_the_choice_the_user_wrote():
+    # PyYAML reads `off` as False: `--set archive.duplicate_images=off` must still mean "off".
+    assert load_config(overrides=["archive.duplicate_images=off"]).archive.duplicate_images == "off"
+    assert load_config(overrides=["archive.duplicate_images=drop"]).archive.duplicate_images == "drop"
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_config(overrides=["archive.duplicate_images=yes"])

@@ -23,9 +23,11 @@ def archive(cache_dir, tmp_path_factory):
 
 def _run(archive, tmp_path, feature_cache, name: str, algorithm: str, workers: int, extra=()) -> dict:
     uri, n = archive
-    # local_max_items=0: k-means is fitted on Ray Train workers for 1 worker too (an archive "above" the cap)
+    # local_max_items=0: k-means is fitted on Ray Train workers for 1 worker too (an archive "above" the cap);
+    # 112-pixel crops: a quarter of the CNN's cost, and the test is about the workers, not the features
     code = main(["run", "--input", uri, "--output", str(tmp_path), "--run-name", name, "--algorithm", algorithm,
                  "--clusters", "21", "--workers", str(workers), "--set", "report=false",
+                 "--set", "extract.decode.image_size=112", "--set", "extract.decode.resize=128",
                  "--set", f"extract.cache={feature_cache}", "--set", "cluster.train.local_max_items=0", *extra])
     assert code == 0
     rundir = RunDir(str(tmp_path / name))
@@ -63,9 +65,16 @@ def test_kmeans_one_and_two_workers_agree_and_repeat_exactly(archive, tmp_path, 
 def test_jecl_one_and_two_workers_agree(archive, tmp_path, feature_cache, ray_session):
     """JECL under Ray Train with 1 and 2 workers: keyed batches, batch weights, keyed masking noise and a keyed
     k-means sample make the two workers' union batch the one worker's batch (raymmc.cluster.sampler), so the
-    fits differ only by floating-point summation order."""
+    fits differ only by floating-point summation order. JECL's autoencoder pretraining amplifies that rounding
+    (docs/results.md, "1 vs N workers"): measured agreement .92-.99 NMI depending on the threads and the rows'
+    grouping (.77 before keyed batches), at equal quality. Asserted: that floor and the equal quality."""
+    from raymmc.pipeline import load_run_features
+
     schedule = ["--set", "cluster.params.jecl.image_ae.epochs=30", "--set", "cluster.params.jecl.text_ae.epochs=30",
                 "--set", "cluster.params.jecl.cluster.max_iter=600"]
     one = _run(archive, tmp_path, feature_cache, "jecl-w1", "jecl", 1, schedule)
     two = _run(archive, tmp_path, feature_cache, "jecl-w2", "jecl", 2, schedule)
-    assert _nmi(one, two) >= 0.98
+    assert _nmi(one, two) >= 0.9
+    data, labels = load_run_features(str(tmp_path / "jecl-w1"))
+    truth = dict(zip(data.ids, labels))
+    assert _nmi(truth, one) == pytest.approx(_nmi(truth, two), abs=0.02)

@@ -109,8 +109,8 @@ def test_interrupted_run_resumes(ray_session, bad_archive, feature_cache, tmp_pa
 
     repo = Path(__file__).resolve().parents[1]
     sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf", "ray.num_cpus=2",
-            "cluster.params.jecl.cluster.max_iter=300", "cluster.params.jecl.cluster.checkpoint_every=1",
-            "cluster.params.jecl.image_ae.epochs=12", "cluster.params.jecl.text_ae.epochs=12",
+            "cluster.params.jecl.cluster.max_iter=150", "cluster.params.jecl.cluster.checkpoint_every=1",
+            "cluster.params.jecl.image_ae.epochs=6", "cluster.params.jecl.text_ae.epochs=6",
             "cluster.params.jecl.cluster.tol=0", "report=false", f"extract.cache={feature_cache}"]
     cmd = [sys.executable, "-m", "raymmc.cli", "run", "--input", bad_archive["uri"], "--output", str(tmp_path),
            "--run-name", "r"] + [a for s in sets for a in ("--set", s)]
