@@ -4,6 +4,7 @@ workers on real features").
 
     python benchmarks/workers_agreement.py --features runs/<run> --clusters 21 --split half --threads 1
     python benchmarks/workers_agreement.py --features runs/<run> --clusters 21 --max-iter 1   # after the start
+    python benchmarks/workers_agreement.py --features runs/<run> --clusters 21 --threads 2 --precision float64
 
 Prints NMI between the two fits' assignments, items that moved (label ids compared as they are), the step
 counts and each fit's NMI against the labels.
@@ -27,8 +28,9 @@ def _fit(args, data, ops=None, wrap=None):
     from raymmc.cluster.base import LOCAL
     from raymmc.cluster.registry import make_clusterer
 
-    cfg = {"image_ae": {"epochs": args.ae_epochs}, "text_ae": {"epochs": args.ae_epochs},
-           "cluster": {"max_iter": args.max_iter}, "device": "cpu"}
+    ae = {"epochs": args.ae_epochs}
+    views = {"image_ae": ae, "text_ae": ae} if args.algorithm == "jecl" else {"ae": ae, "view": args.view}
+    cfg = {**views, "cluster": {"max_iter": args.max_iter}, "device": "cpu", "precision": args.precision}
     return make_clusterer(args.algorithm, args.clusters, cfg, seed=args.seed, wrap=wrap).fit(data, ops or LOCAL)
 
 
@@ -67,6 +69,8 @@ def main() -> None:
     p.add_argument("--max-iter", type=int, default=600)
     p.add_argument("--split", default="half", help="interleave, half, or an integer seed of a random split")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each of the 2 processes")
+    p.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    p.add_argument("--view", default="concat", choices=["image", "text", "concat"], help="DEC's view")
     args = p.parse_args()
 
     from raymmc.pipeline import load_run_features
@@ -85,7 +89,8 @@ def main() -> None:
             proc.join()
         l2, n2 = out[0]
     l2 = np.asarray(l2)
-    print(json.dumps({"algorithm": args.algorithm, "split": args.split, "threads": args.threads,
+    print(json.dumps({"algorithm": args.algorithm, "precision": args.precision, "split": args.split,
+                      "threads": args.threads,
                       "nmi_1_vs_2": round(float(nmi(l1, l2)), 4), "items_moved": int((l1 != l2).sum()),
                       "n_iter": [int(one.n_iter_), int(n2)],
                       "nmi_vs_labels": [round(float(nmi(labels, l1)), 4), round(float(nmi(labels, l2)), 4)]}))

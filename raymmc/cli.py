@@ -98,6 +98,22 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recluster(args: argparse.Namespace) -> int:
+    from raymmc.io.storage import StorageOptions
+    from raymmc.recluster import recluster
+
+    opts = StorageOptions(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    result = recluster(args.previous, args.output, input_uri=args.input, run_name=args.run_name,
+                       overrides=args.overrides, warm=not args.cold, storage_options=opts)
+    m, r = result.manifest, result.manifest["recluster"]
+    print(f"\nrun directory: {result.run_uri}")
+    print(f"features: {m['features']['files_cached']} file(s) from the cache, {m['features']['files_extracted']} "
+          f"extracted; {r['start']} start; {r['moved']} of {r['kept']} kept items changed cluster "
+          f"(drift.json)")
+    print("cluster sizes: " + json.dumps(result.metrics["cluster_sizes"]))
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from raymmc import datasets
 
@@ -139,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "archive.format, auto unless it was set)")
     p_as.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p_as.set_defaults(func=cmd_assign)
+
+    p_rc = sub.add_parser("recluster", help="re-cluster a grown archive from a previous run: cached features, "
+                          "warm start, stable cluster ids, drift.json")
+    p_rc.add_argument("--previous", required=True, metavar="RUN", help="the previous run directory of the lineage")
+    p_rc.add_argument("--input", help="archive URI (default: the previous run's input)")
+    p_rc.add_argument("--output", required=True, help="where the new run directory is created")
+    p_rc.add_argument("--run-name", help="run directory name (default: recluster-<timestamp>)")
+    p_rc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key of the previous run's config (not extract.*; repeatable)")
+    p_rc.add_argument("--cold", action="store_true", help="train from scratch instead of from the previous model")
+    p_rc.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p_rc.set_defaults(func=cmd_recluster)
 
     p_ds = sub.add_parser("datasets", help="build demo archives from public data")
     ds_sub = p_ds.add_subparsers(dest="action", required=True)

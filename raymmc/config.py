@@ -128,6 +128,13 @@ def parse_override(item: str) -> dict[str, Any]:
     return value
 
 
+def with_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``data`` (a config as a dict) with ``key=value`` overrides applied."""
+    for item in overrides or []:
+        data = _merge(data, parse_override(item))
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 values: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- YAML file <- ``values`` (from CLI flags) <- ``key=value`` overrides."""
@@ -137,9 +144,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
-    data = _merge(data, values or {})
-    for item in overrides or []:
-        data = _merge(data, parse_override(item))
+    data = with_overrides(_merge(data, values or {}), overrides)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg

@@ -131,7 +131,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
-            text_encoder=None, text_identity: str | None = None) -> Prepared:
+            text_encoder=None, text_identity: str | None = None, cache_root: str | None = None) -> Prepared:
     """discover -> extract (cached) -> account (on Ray workers); writes rejects/ and features.json into
     ``rundir``."""
     from raymmc.io.storage import list_files
@@ -151,7 +151,7 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
         feature_dirs, stats = run_extraction(
             shards, cfg.extract.cache or storage.join(cfg.output, "features-cache"), extract_cfg=cfg.extract,
             seed=cfg.seed, storage=cfg.storage, has_gpu=has_gpu(), modalities=modalities, log=log,
-            text_encoder=text_encoder, text_identity=text_identity)
+            text_encoder=text_encoder, text_identity=text_identity, cache_root=cache_root)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
         files = [f.path for d in feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
@@ -215,11 +215,13 @@ def summary_limits(cfg: RunConfig):
                          map_points=sm.map_points if cfg.report else 0, seed=cfg.seed)
 
 
-def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tuple[dict, list[str], object]:
+def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model,
+                  cluster_ids: list[int] | None = None) -> tuple[dict, list[str], object]:
     """assignments/ (written by the prediction workers), and metrics.json (from the label x cluster counts)
     and clusters.parquet, both from the bounded summary the prediction batches carry; the driver never holds
     a per-item array here. Returns the metrics, the Ray nodes the prediction ran on, and the summary (for the
-    report; None when nothing was assigned)."""
+    report; None when nothing was assigned). ``cluster_ids``: the id written for each model cluster (a
+    re-clustering's stable ids; default its index)."""
     import functools
 
     from raymmc.report.summary import block_summary, clusters_table, summarize_dataset
@@ -241,7 +243,7 @@ def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model) -> tupl
                                workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
                                batch_rows=cfg.cluster.train.read_batch_rows,
                                summarize=functools.partial(block_summary, limits=limits),
-                               map_points=limits.map_points, seed=cfg.seed)
+                               map_points=limits.map_points, seed=cfg.seed, cluster_ids=cluster_ids)
     summary = summarize_dataset(predicted, limits)
     rundir.write_parquet("clusters.parquet", clusters_table(summary, n_terms=cfg.summary.top_terms,
                                                             n_ids=cfg.summary.representatives))
@@ -263,13 +265,15 @@ def empty_assignments_table() -> pa.Table:
     return empty_assignments().select(ASSIGNMENT_COLUMNS)
 
 
-def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str, shards: list = ()) -> str:
+def write_report(rundir: RunDir, cfg: RunConfig, summary, metrics: dict, title: str, shards: list = (),
+                 drift: dict | None = None) -> str:
     """report/: from the run's bounded summary; the images of the shown items are read from their shards."""
     from raymmc.report.html import write_report as render
     from raymmc.report.images import load_images
 
     return render(rundir, summary, metrics=metrics, title=title, top_images=cfg.summary.top_images,
-                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage, shards))
+                  n_terms=cfg.summary.top_terms, image_loader=lambda pairs: load_images(pairs, cfg.storage, shards),
+                  drift=drift)
 
 
 def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.datetime, timer: StageTimer,
@@ -333,15 +337,19 @@ def train_nodes(train_report: dict) -> list[str]:
 
 
 def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
-              resuming: bool = False):
-    """Fit in-process, or data-parallel under Ray Train (cluster.train)."""
+              resuming: bool = False, warm_start: bytes | None = None):
+    """Fit in-process, or data-parallel under Ray Train (cluster.train); ``warm_start``: a previous model's
+    serialised state to start from (an algorithm that supports it)."""
     from raymmc.io import safestate
     from raymmc.raysession import has_gpu
     from raymmc.train.trainer import fit_ray_train, use_ray_train
 
     c = cfg.cluster
     if not use_ray_train(c.train, c.algorithm, prep.usable):
-        return make_model(cfg).fit(usable_features(prep, cfg)), {}
+        model = make_model(cfg)
+        if warm_start is not None:
+            model.warm_start = safestate.loads(warm_start, where="the warm-start model")
+        return model.fit(usable_features(prep, cfg)), {}
     storage_path = c.train.storage_path or rundir.path("train")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
@@ -349,7 +357,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     state, report = fit_ray_train(prep.dataset, algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
                           run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage,
-                          pixel_channels=cfg.extract.pixels.channels)
+                          pixel_channels=cfg.extract.pixels.channels, warm_start=warm_start)
     model = make_model(cfg)
     model.load_state_dict(safestate.loads(state, where=f"the final checkpoint in {storage_path}"))
     return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
@@ -418,6 +426,19 @@ def resume(run_uri: str, storage_options: StorageOptions | None = None,
     return run(cfg, log, resuming=True)
 
 
+def fitted_text_encoder(cfg: RunConfig, cache_root: str):
+    """The text encoder a run fitted on its archive (TF-IDF, Doc2Vec), saved beside its features in
+    ``cache_root``; None for a pretrained or absent one."""
+    from raymmc.features.extract import TEXT_ENCODER_FILE
+    from raymmc.features.text import FITTED, text_encoder_from_state
+    from raymmc.io import safestate
+
+    uri = storage.join(cache_root, TEXT_ENCODER_FILE)
+    if cfg.extract.text.model not in FITTED or not storage.exists(uri, cfg.storage):
+        return None
+    return text_encoder_from_state(safestate.loads(storage.read_bytes(uri, cfg.storage), where=uri))
+
+
 def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,
            storage_options: StorageOptions | None = None, log: Callable[[str], None] = print,
            input_format: str | None = None) -> RunResult:
@@ -426,9 +447,6 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     import dataclasses
 
     from raymmc.config import from_dict
-    from raymmc.features.extract import TEXT_ENCODER_FILE
-    from raymmc.features.text import FITTED, text_encoder_from_state
-    from raymmc.io import safestate
 
     started = _dt.datetime.now(_dt.timezone.utc)
     name = run_name or f"assign-{started.strftime('%Y%m%d-%H%M%S')}"
@@ -445,11 +463,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     rundir = RunDir(storage.join(output, name), cfg.storage).create()
 
     cache = src_manifest["features"]["cache"]
-    text_encoder = None
-    encoder_uri = storage.join(cache, TEXT_ENCODER_FILE)
-    if cfg.extract.text.model in FITTED and storage.exists(encoder_uri, cfg.storage):
-        text_encoder = text_encoder_from_state(safestate.loads(storage.read_bytes(encoder_uri, cfg.storage),
-                                                               where=encoder_uri))
+    text_encoder = fitted_text_encoder(cfg, cache)
     cfg = dataclasses.replace(cfg, input=input_uri, output=output)
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])

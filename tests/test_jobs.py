@@ -252,7 +252,10 @@ def test_recluster_reuses_the_cache_and_updates_latest(ray_session, bad_archive,
     assert latest["features"] == {**latest["features"], "files_cached": 2, "files_extracted": 1}
     assert latest["counts"]["read"] == bad_archive["n_rows"]
     assert latest["counts"]["assigned"] == latest["metrics"]["n_assigned"]
-    assert "2 file(s) from the cache, 1 extracted" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 file(s) from the cache, 1 extracted" in printed and "recluster: warm start" in printed
+    drift = json.loads((out / latest["run"] / "drift.json").read_text())  # re-clustered from the first run
+    assert drift["previous_run"] == first["run_uri"] and drift["items"]["kept"] == first["counts"]["assigned"]
 
 
 @pytest.mark.slow

@@ -65,16 +65,16 @@ def test_kmeans_one_and_two_workers_agree_and_repeat_exactly(archive, tmp_path, 
 def test_jecl_one_and_two_workers_agree(archive, tmp_path, feature_cache, ray_session):
     """JECL under Ray Train with 1 and 2 workers: keyed batches, batch weights, keyed masking noise and a keyed
     k-means sample make the two workers' union batch the one worker's batch (raymmc.cluster.sampler), so the
-    fits differ only by floating-point summation order. JECL's autoencoder pretraining amplifies that rounding
-    (docs/results.md, "1 vs N workers"): measured agreement .92-.99 NMI depending on the threads and the rows'
-    grouping (.77 before keyed batches), at equal quality. Asserted: that floor and the equal quality."""
+    fits differ only by floating-point summation order. In float32 JECL's autoencoder pretraining amplifies
+    that rounding (.92-.99 NMI, docs/results.md "1 vs N workers"); ``precision: float64`` removes it."""
     from raymmc.pipeline import load_run_features
 
-    schedule = ["--set", "cluster.params.jecl.image_ae.epochs=30", "--set", "cluster.params.jecl.text_ae.epochs=30",
-                "--set", "cluster.params.jecl.cluster.max_iter=600"]
+    # a shorter schedule than the docs' (30 epochs, 600 steps): in float64 the two fits are equal at any length
+    schedule = ["--set", "cluster.params.jecl.image_ae.epochs=15", "--set", "cluster.params.jecl.text_ae.epochs=15",
+                "--set", "cluster.params.jecl.cluster.max_iter=300", "--set", "cluster.params.jecl.precision=float64"]
     one = _run(archive, tmp_path, feature_cache, "jecl-w1", "jecl", 1, schedule)
     two = _run(archive, tmp_path, feature_cache, "jecl-w2", "jecl", 2, schedule)
-    assert _nmi(one, two) >= 0.9
+    assert _nmi(one, two) >= 0.98
     data, labels = load_run_features(str(tmp_path / "jecl-w1"))
     truth = dict(zip(data.ids, labels))
-    assert _nmi(truth, one) == pytest.approx(_nmi(truth, two), abs=0.02)
+    assert _nmi(truth, one) == pytest.approx(_nmi(truth, two), abs=0.01)

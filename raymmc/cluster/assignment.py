@@ -86,3 +86,26 @@ def match_labels(new: np.ndarray, old: np.ndarray, k: int) -> np.ndarray:
     (one-to-one cluster mapping; e.g. MMDC's k-means refresh matched to its old targets)."""
     new = np.asarray(new, dtype=np.int64)
     return match_mapping(new, old, k)[new]
+
+
+def stable_cluster_ids(overlap: np.ndarray, previous_ids: np.ndarray, next_id: int) -> tuple[np.ndarray, int]:
+    """Cluster ids that survive a re-clustering. ``overlap[i, j]`` = items in the previous run's cluster
+    ``previous_ids[i]`` and in the new model's cluster ``j`` (items of both runs only). Each new cluster
+    matched one-to-one (Hungarian, most shared items) to a previous cluster it shares items with keeps that
+    cluster's id; the others get fresh ids ``next_id, next_id + 1, ...`` (never used before in the lineage).
+
+    Returns ``(ids, next_id)``: ``ids[j]`` the id of new cluster ``j``, and the lineage's next fresh id."""
+    overlap = np.asarray(overlap, dtype=np.float64)
+    previous_ids = np.asarray(previous_ids, dtype=np.int64)
+    if overlap.ndim != 2 or overlap.shape[0] != len(previous_ids):
+        raise ValueError(f"overlap {overlap.shape} does not have one row per previous id ({len(previous_ids)})")
+    if len(previous_ids) and int(previous_ids.max()) >= next_id:
+        raise ValueError(f"next_id {next_id} is not above the previous ids (max {int(previous_ids.max())})")
+    ids = np.full(overlap.shape[1], -1, dtype=np.int64)
+    if overlap.size:
+        rows, cols = linear_assignment(overlap, maximize=True)
+        shared = overlap[rows, cols] > 0  # a pairing forced on clusters with nothing in common is no match
+        ids[cols[shared]] = previous_ids[rows[shared]]
+    for j in np.flatnonzero(ids < 0):
+        ids[j], next_id = next_id, next_id + 1
+    return ids, int(next_id)

@@ -128,6 +128,10 @@ class Clusterer:
     # Trainer hooks (raymmc.cluster.deep): algorithms that do not checkpoint ignore them.
     checkpoint_fn: Any = None
     resume_state: dict[str, Any] | None = None
+    # Warm start (a re-clustering of a grown archive): a previous fit's ``state_dict()`` that ``fit`` starts
+    # from instead of its own initialisation, where the algorithm supports it (``supports_warm_start``).
+    warm_start: dict[str, Any] | None = None
+    supports_warm_start: bool = False
 
     def __init__(self, n_clusters: int, config: Any = None, *, seed: int = 0):
         self.n_clusters = int(n_clusters)
@@ -197,6 +201,11 @@ class Clusterer:
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _check_warm_start(self, state: dict[str, Any]) -> None:
+        if state.get("algorithm") != self.name or int(state.get("n_clusters", -1)) != self.n_clusters:
+            raise ValueError(f"a warm start for {self.name} with {self.n_clusters} clusters cannot come from a "
+                             f"{state.get('algorithm')!r} model with {state.get('n_clusters')} clusters")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -147,6 +147,7 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
 
     name = "kmeans"
     Config = KMeansConfig
+    supports_warm_start = True  # Lloyd iterations from the previous centroids
 
     def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "KMeans":
         self.check_usable(data)
@@ -160,7 +161,13 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
         keys = item_keys(data.ids, data.extra.get("index"), len(x))
         sample = shard_sample(x, keyed_priority(keys, derive_seed(self.seed, Stream.ITEM_SAMPLE)), c.sample, ops)
         centers = np.zeros((k, x.shape[1]), np.float32)
-        if ops.rank == 0:
+        if self.warm_start is not None:
+            self._check_warm_start(self.warm_start)
+            centers = np.asarray(self.warm_start["centroids"], dtype=np.float32)
+            if centers.shape != (k, x.shape[1]):
+                raise ValueError(f"warm-start centroids {centers.shape} do not fit {k} clusters of {x.shape[1]}-d "
+                                 "features")
+        elif ops.rank == 0:
             centers = kmeans(sample, k, seed=derive_seed(self.seed, Stream.KMEANS), niter=c.niter, nredo=c.nredo,
                              use_gpu=c.use_gpu, init=c.init)[0]
         centers = self._shared(centers, ops)
@@ -170,6 +177,7 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
         self._calibrate(sample, search, ops)
         self.history_ = [{"phase": "kmeans", "inertia": fit.inertia, "n_iter": fit.n_iter, "converged": fit.converged,
                           "n_items": n_total, "sample": c.sample if n_total > c.sample else n_total,
+                          "warm_start": self.warm_start is not None,
                           "variance": self.variance_}]
         return self
 

@@ -145,9 +145,12 @@ def forward_in_batches(module: nn.Module, *inputs: torch.Tensor, device: torch.d
     was = module.training
     module.eval()
     n = len(inputs[0])
+    # inputs take the network's float type (a float64 model fed float32 features, or the reverse)
+    dtype = next((q.dtype for q in module.parameters() if q.is_floating_point()), None)
     outs = []
     for i in range(0, max(n, 1), batch_size):
-        y = module(*(x[i:i + batch_size].to(device) for x in inputs))
+        y = module(*(x[i:i + batch_size].to(device, dtype if dtype is not None and x.is_floating_point() else x.dtype)
+                     for x in inputs))
         outs.append(tuple(t.float().cpu() for t in (y if isinstance(y, tuple) else (y,))))
     module.train(was)
     return tuple(torch.cat(parts) for parts in zip(*outs))

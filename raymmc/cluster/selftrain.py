@@ -66,6 +66,11 @@ class SelfTrainingModelConfig:
     device: str = "auto"  # "auto": cuda when available
     use_gpu_kmeans: bool = True  # FAISS on the GPU where faiss has GPUs
     eval_batch_size: int = 4096  # rows per forward pass outside training: bounds memory, not results
+    # Training arithmetic. float32 is the speed default; float64 makes the fit the same for any number
+    # of data-parallel workers (their gradients are summed in a different order, and float32's rounding,
+    # amplified by pretraining, moved 1-vs-2-worker JECL to .95-.99 NMI; docs/results.md). The
+    # networks are small MLPs, so on a CPU float64 costs about 2x; on a GPU it depends on its FP64 rate.
+    precision: Literal["float32", "float64"] = "float32"
 
 
 @dataclass
@@ -140,10 +145,13 @@ def self_train(objective: Objective, optimizer: torch.optim.Optimizer, sampler: 
 class SelfTrainingClusterer(DeepClusterer):
     """The estimator template of DEC and JECL: pretrain the autoencoders, initialise the centroids by
     k-means on the embeddings, self-train; a checkpoint at the end of each phase and every
-    ``checkpoint_every`` target updates.
+    ``checkpoint_every`` target updates. A warm start (``warm_start``: a previous fit's state) skips the
+    pretraining and the initialisation: self-training continues from the previous network.
 
     A subclass says what its rows, autoencoders, initial network and objective are; the fitted
     network is ``net_`` (encoders and centroids), its input widths ``dims_``."""
+
+    supports_warm_start = True
 
     # -- what a subclass provides --------------------------------------------------------------
     def _rows(self, data: MultiViewData) -> dict[str, torch.Tensor]:
@@ -176,28 +184,16 @@ class SelfTrainingClusterer(DeepClusterer):
         return None
 
     # -- the template ----------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float64": torch.float64}[self.config.precision]
+
     def _fit(self, data: MultiViewData, ops: GlobalOps, resume: Resume | None) -> None:
-        rows = self._rows(data)
+        rows = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in self._rows(data).items()}
         n_local = len(next(iter(rows.values())))
         # batches, masking noise and the k-means sample keyed by item: the same for any worker count
         rows["key"] = torch.from_numpy(self.streams.row_keys(self._items(data)).view(np.int64))
-        phase = resume.phase if resume is not None else None
-        if phase in (None, Phase.PRETRAINED):
-            self.dims_ = [int(t.shape[1]) for t in rows.values() if t.ndim == 2]
-            with self._seeded_weights():
-                aes = {k: v.to(self.device) for k, v in self._autoencoders(self.dims_).items()}
-            if phase is None:
-                self._pretrain(aes, rows, ops)
-                self._checkpoint(Phase.PRETRAINED, ops, {"autoencoders": {k: v.state_dict() for k, v in aes.items()}})
-            else:
-                for k, v in aes.items():
-                    v.load_state_dict(resume.state["autoencoders"][k])
-            self.net_ = self._initialise(aes, rows, ops).to(self.device)
-            loop, opt_state = LoopState(), None
-            self._checkpoint(Phase.INITIALISED, ops, {"model": self.state_dict(), "loop": asdict(loop)})
-        else:
-            self.load_state_dict(resume.state["model"])
-            loop, opt_state = LoopState(**resume.state["loop"]), resume.state.get("optimizer")
+        loop, opt_state = self._start(rows, ops, resume)
         cfg = self.config.cluster
         net = self.wrap(self.net_.train())
         opt = make_optimizer(net.parameters(), cfg)
@@ -217,6 +213,45 @@ class SelfTrainingClusterer(DeepClusterer):
         usable = self.usable(data)
         self.labels_ = np.full(len(data), -1, dtype=np.int64)
         self.labels_[usable] = self.predict(data.subset(np.flatnonzero(usable)))
+
+    def _start(self, rows: dict[str, torch.Tensor], ops: GlobalOps, resume: Resume | None
+               ) -> tuple[LoopState, dict[str, Any] | None]:
+        """``net_`` ready for self-training, from a warm start, from scratch (pretrain, initialise) or from a
+        resume record; returns the loop counters and optimizer state to continue with."""
+        phase = resume.phase if resume is not None else None
+        if resume is None and self.warm_start is not None:  # the previous fit's network: straight to the loop
+            self._load_warm_start(self.warm_start, rows)
+            loop, opt_state = LoopState(), None
+            self._report({"phase": "warm_start"})
+            self._checkpoint(Phase.INITIALISED, ops, {"model": self.state_dict(), "loop": asdict(loop)})
+        elif phase in (None, Phase.PRETRAINED):
+            self.dims_ = [int(t.shape[1]) for t in rows.values() if t.ndim == 2]
+            with self._seeded_weights():
+                aes = {k: v.to(self.device, self.dtype) for k, v in self._autoencoders(self.dims_).items()}
+            if phase is None:
+                self._pretrain(aes, rows, ops)
+                self._checkpoint(Phase.PRETRAINED, ops, {"autoencoders": {k: v.state_dict() for k, v in aes.items()}})
+            else:
+                for k, v in aes.items():
+                    v.load_state_dict(resume.state["autoencoders"][k])
+            self.net_ = self._initialise(aes, rows, ops).to(self.device, self.dtype)
+            loop, opt_state = LoopState(), None
+            self._checkpoint(Phase.INITIALISED, ops, {"model": self.state_dict(), "loop": asdict(loop)})
+        else:
+            self.load_state_dict(resume.state["model"])
+            loop, opt_state = LoopState(**resume.state["loop"]), resume.state.get("optimizer")
+        return loop, opt_state
+
+    def _load_warm_start(self, state: dict[str, Any], rows: dict[str, torch.Tensor]) -> None:
+        """The previous fit's network (its encoders and centroids), this fit's own config and seed kept."""
+        self._check_warm_start(state)
+        config, seed = self.config, self.seed
+        self.load_state_dict(state)
+        self.config, self.seed = config, seed
+        dims = [int(t.shape[1]) for t in rows.values() if t.ndim == 2]
+        if dims != self.dims_:
+            raise ValueError(f"warm start from a model of input widths {self.dims_}, these features have {dims}")
+        self.net_ = self.net_.to(self.device, self.dtype)
 
     def _items(self, data: MultiViewData) -> np.ndarray:
         """The stable keys (ids, else global row index) of the training rows, in ``_rows``' order."""
@@ -258,7 +293,7 @@ class SelfTrainingClusterer(DeepClusterer):
         self._read_header(state)
         self.dims_ = [int(d) for d in state["dims"]]
         with self._seeded_weights():  # its throw-away initial weights must not draw on the fit's streams
-            net = self._empty_net(self.dims_)
+            net = self._empty_net(self.dims_).to(self.dtype)  # before loading: load_state_dict keeps dtypes
         net.load_state_dict(state["net"])
         self.net_ = net.to(self.device).eval()
         self._load_extra(state)

@@ -456,18 +456,21 @@ def precomputed_views(shards: list[Shard]) -> frozenset[str]:
 def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, seed: int,
                    storage: StorageOptions, has_gpu: bool,
                    modalities: frozenset[str] = frozenset({"image", "text"}),
-                   log=print, text_encoder=None, text_identity: str | None = None) -> tuple[list[str], ExtractStats]:
+                   log=print, text_encoder=None, text_identity: str | None = None,
+                   cache_root: str | None = None) -> tuple[list[str], ExtractStats]:
     """Extract features of ``shards`` into the cache under ``cache_uri``, skipping files already
     done. Returns the feature directories (one per non-empty input file) and the stats.
     Encoders of modalities not in ``modalities`` are skipped. ``text_encoder``: an encoder
-    already fitted (identified by ``text_identity``) instead of fitting one on these shards."""
+    already fitted (identified by ``text_identity``) instead of fitting one on these shards.
+    ``cache_root``: continue that cache directory (a re-clustering: the previous run's features, made with
+    the same config and with ``text_encoder``, the one fitted there) instead of the fingerprint's."""
     import json
 
     from raymmc.io.storage import delete_dir, join, write_bytes
 
     t0 = time.time()
     stats = ExtractStats()
-    root = join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities, text_identity))
+    root = cache_root or join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities, text_identity))
     todo = [s for s in shards if s.rows > 0 and not _complete(root, s, storage)]
     stats.files_cached = sum(1 for s in shards if s.rows > 0) - len(todo)
     stats.files_extracted = len(todo)

@@ -77,13 +77,14 @@ def _data_uri(png: bytes) -> str:
 
 
 def write_report(rundir: RunDir, summary: ReportSummary, *, metrics: dict, image_loader: ImageLoader | None,
-                 title: str, top_images: int = 12, n_terms: int = 8) -> str:
+                 title: str, top_images: int = 12, n_terms: int = 8, drift: dict | None = None) -> str:
     """Write ``report/index.html`` and ``report/summary.png`` under ``rundir``; return the HTML's URI.
 
     ``summary`` is the run's bounded summary (:mod:`raymmc.report.summary`: per-cluster counts, terms and
     most confident items, and the map's sample of the clustering space). ``image_loader`` maps
     ``[(source, row), ...]`` to encoded image bytes (None where missing); with no loader, clusters show
     captions only. Everything here is O(clusters x shown items + map points), whatever the archive's size.
+    ``drift``: a re-clustering's ``drift.json`` (raymmc.report.drift), shown as its own section.
     """
     n = summary.n
     if n == 0:
@@ -130,7 +131,7 @@ def write_report(rundir: RunDir, summary: ReportSummary, *, metrics: dict, image
         map_note=f"{emap.method} of the {vectors.shape[1]}-d clustering space; "
                  + (f"all {n:,} items" if len(points) == n
                     else f"a uniform sample (keyed hash of the id) of {len(points):,} of {n:,} items"),
-        images_loaded=image_loader is not None,
+        images_loaded=image_loader is not None, drift_html=_drift_section(drift) if drift else "",
     )
     subtitle = " · ".join([f"{n:,} items", f"{len(order)} clusters"]
                           + [f"{label} {float(metrics[key]):.3f}" for key, label, _ in METRIC_LABELS
@@ -199,6 +200,8 @@ def _title(e: Example) -> str:
 # --- HTML ---------------------------------------------------------------------------------------
 
 CSS = """
+.drift { margin:20px 0; } table.drift { border-collapse:collapse; font-size:13px; }
+table.drift td, table.drift th { padding:2px 10px; text-align:right; border-bottom:1px solid #eee; }
 :root { --bg:#f4f5f7; --card:#ffffff; --ink:#1f2933; --muted:#66727f; --line:#e3e6ea; --soft:#f8f9fb;
         --accent:#3d5a98; }
 * { box-sizing:border-box; }
@@ -343,9 +346,34 @@ def _cluster_card(view: ClusterView, label_colors: dict[str, str], images_loaded
             f'<div class="facts{"" if label_colors else " single"}">{facts}</div>{"".join(body)}</section>')
 
 
+def _drift_section(d: dict) -> str:
+    """What changed since the previous run of the lineage (drift.json), as one card."""
+    items, moved = d["items"], d["moved"]
+    facts = (f"{items['previous']:,} items before, {items['current']:,} now: {items['kept']:,} kept, "
+             f"{items['added']:,} added, {items['removed']:,} removed. <b>{moved['count']:,}</b> kept items "
+             f"({moved['share']:.1%}) changed cluster.")
+    events = []
+    for key, words in (("clusters_born", "born"), ("clusters_vanished", "vanished")):
+        if d[key]:
+            events.append(f"Clusters {words}: {', '.join(str(c) for c in d[key])}.")
+    events += [f"Cluster {s['cluster']} split into {', '.join(str(c) for c in s['into'])}." for s in d["split"]]
+    events += [f"Cluster {m['cluster']} merged from {', '.join(str(c) for c in m['from'])}." for m in d["merged"]]
+    rows = "".join(f"<tr><td>{c['cluster']}</td><td>{c['previous_size']:,}</td><td>{c['size']:,}</td>"
+                   f"<td>{c['change']:+,}</td><td>{c['new_share']:.1%}</td></tr>" for c in d["clusters"])
+    examples = "".join(f"<li>{_esc(e['id'])}: {e['previous']} → {e['current']}</li>" for e in moved["examples"])
+    return (f'<div class="card drift"><h2>Since the previous run</h2><p>{facts}</p>'
+            f'<p class="note">Previous run: {_esc(d.get("previous_run", ""))}. Cluster ids are stable across runs '
+            f'(matched by shared items); new ids are never reused.</p>'
+            + "".join(f"<p>{_esc(e)}</p>" for e in events)
+            + f'<table class="drift"><tr><th>cluster</th><th>before</th><th>now</th><th>change</th>'
+              f'<th>new items</th></tr>{rows}</table>'
+            + (f'<p class="note">Items that changed cluster (first {len(moved["examples"])}):</p><ul>{examples}</ul>'
+               if examples else "") + "</div>")
+
+
 def _render(*, title: str, n: int, k: int, metrics: dict, views: Sequence[ClusterView], label_colors: dict[str, str],
             n_image: int, n_text: int, mean_conf: float, map_uri: str, sizes_uri: str, map_note: str,
-            images_loaded: bool) -> str:
+            images_loaded: bool, drift_html: str = "") -> str:
     try:
         import importlib.metadata
 
@@ -386,7 +414,7 @@ def _render(*, title: str, n: int, k: int, metrics: dict, views: Sequence[Cluste
     ", its label mix" if label_colors else ""} and its most confident items; hover a caption for its full text.</p>
 <div class="index">{index}</div></div>
 </div></div>
-<h2 class="section">Clusters, largest first</h2>
+{drift_html}<h2 class="section">Clusters, largest first</h2>
 <div class="clusters">{cards}</div>
 </main>
 <footer class="wrap">Generated by raymmc{" " + _esc(version) if version else ""} on {now}.

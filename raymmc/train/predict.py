@@ -32,7 +32,7 @@ class Predictor:
     a batch of feature rows (testable on a ``take_batch`` without a cluster)."""
 
     def __init__(self, spec: ModelSpec, state: Any, threads: int = 1, sample: MapSample | None = None,
-                 summarize: Callable[[pa.Table], str] | None = None):
+                 summarize: Callable[[pa.Table], str] | None = None, cluster_ids: list[int] | None = None):
         import ray
         import torch
 
@@ -45,6 +45,8 @@ class Predictor:
         # With ``summarize``: each batch's bounded summary (a string) rides on its first row, in a ``summary``
         # column, computed here where the model, the captions and the sampled embeddings already are.
         self.sample, self.summarize = sample, summarize
+        # ``cluster_ids[j]``: the id written for the model's cluster j (a re-clustering's stable ids)
+        self.cluster_ids = None if cluster_ids is None else np.asarray(cluster_ids, dtype=np.int64)
         self.model = make_clusterer(spec.algorithm, spec.clusters, spec.params, seed=spec.seed)
         self.model.load_state_dict(safestate.loads(raw, where="the fitted model"))
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -61,6 +63,8 @@ class Predictor:
         cluster = soft.argmax(axis=1).astype(np.int64)
         notes = item_notes(batch)
         marked = outlier != ""
+        if self.cluster_ids is not None:
+            cluster = self.cluster_ids[cluster]
         cluster[marked] = OUTLIER
         notes = ["; ".join(n for n in (note, why) if n) for note, why in zip(notes, outlier)]
         out = pa.table({
@@ -103,17 +107,8 @@ def empty_assignments() -> pa.Table:
                      "label": pa.array([], pa.string()), "node": pa.array([], pa.string())})
 
 
-def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
-                      cpus_per_worker: float = 1.0, batch_rows: int = 4096,
-                      summarize: Callable[[pa.Table], str] | None = None, map_points: int = 0, seed: int = 0):
-    """Assign every row of ``dataset`` (usable feature rows) on a pool of ``workers`` actors, write
-    ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the prediction rows
-    (a materialised Ray Dataset). With ``summarize`` (a function of a batch's assignments, labels, captions,
-    sources, rows and, on a ``map_points`` sample keyed by ``seed``, embeddings), those rows also carry each
-    batch's summary (see :class:`Predictor`): all the driver needs of them."""
-    import ray
-
-    ref = ray.put(state)
+def _actor_rows(dataset, workers: int, batch_rows: int):
+    """``(dataset, rows per batch)`` that give each of ``workers`` actors work."""
     # A small archive would go to one actor: map_batches bundles blocks up to batch_size rows per task, and
     # Ray Data sends tasks to the actor beside their blocks until it has 4 in flight. At least 8 blocks and
     # tasks per actor give every actor work (a split, not a shuffle).
@@ -122,10 +117,41 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
         # Materialised before the actors start: with every CPU held by a predictor, a repartition task
         # fused upstream of them would wait forever (seen: 2 actors on a 2-CPU node hung the run).
         dataset = dataset.repartition(8 * workers).materialize()
-    rows = max(1, min(batch_rows, -(-n // (8 * workers))))
+    return dataset, max(1, min(batch_rows, -(-n // (8 * workers)))), n
+
+
+def predict_clusters(dataset, spec: ModelSpec, state: bytes, *, workers: int = 1, cpus_per_worker: float = 1.0,
+                     batch_rows: int = 4096):
+    """Every usable row's ``(id, cluster)`` under the model's own cluster numbering, materialised in the
+    object store (a re-clustering matches those clusters to the previous run's before writing)."""
+    import ray
+
+    dataset, rows, _ = _actor_rows(dataset, workers, batch_rows)
+    return dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"spec": spec, "state": ray.put(state),
+                                          "threads": max(1, int(cpus_per_worker))},
+        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
+    ).select_columns(["id", "cluster"]).materialize()
+
+
+def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
+                      cpus_per_worker: float = 1.0, batch_rows: int = 4096,
+                      summarize: Callable[[pa.Table], str] | None = None, map_points: int = 0, seed: int = 0,
+                      cluster_ids: list[int] | None = None):
+    """Assign every row of ``dataset`` (usable feature rows) on a pool of ``workers`` actors, write
+    ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the prediction rows
+    (a materialised Ray Dataset). With ``summarize`` (a function of a batch's assignments, labels, captions,
+    sources, rows and, on a ``map_points`` sample keyed by ``seed``, embeddings), those rows also carry each
+    batch's summary (see :class:`Predictor`): all the driver needs of them. ``cluster_ids``: the id written
+    for each model cluster (default: its index)."""
+    import ray
+
+    ref = ray.put(state)
+    dataset, rows, n = _actor_rows(dataset, workers, batch_rows)
     assigned = dataset.map_batches(
         Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker)),
-                                          "sample": MapSample(map_points, seed, n), "summarize": summarize},
+                                          "sample": MapSample(map_points, seed, n), "summarize": summarize,
+                                          "cluster_ids": cluster_ids},
         batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
     ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)

@@ -131,12 +131,14 @@ def _train_loop(loop_cfg: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is None and loop_cfg.get("resume_from") is not None:
         restored = loop_cfg["resume_from"]
-    if restored is not None:  # a restarted worker group: continue from the last checkpoint
-        from raymmc.io import safestate
+    from raymmc.io import safestate
 
+    if restored is not None:  # a restarted worker group: continue from the last checkpoint
         with restored.as_directory() as d:
             with open(os.path.join(d, RESUME_FILE), "rb") as f:
                 model.resume_state = safestate.loads(f.read(), where=f"{restored.path}/{RESUME_FILE}")
+    elif loop_cfg.get("warm_start") is not None:  # a re-clustering: start from the previous run's model
+        model.warm_start = safestate.loads(ray.get(loop_cfg["warm_start"]), where="the warm-start model")
 
     def checkpoint_fn(state: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -200,11 +202,14 @@ def exact_shards(dataset, world_size: int) -> dict:
 
 def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: int, train: TrainConfig,
                   storage_path: str, run_name: str, has_gpu: bool, resume: bool = False,
-                  log: Callable[[str], None] = print, options=None, pixel_channels: int = 1) -> tuple[bytes, dict]:
+                  log: Callable[[str], None] = print, options=None, pixel_channels: int = 1,
+                  warm_start: bytes | None = None) -> tuple[bytes, dict]:
     """Fit under TorchTrainer on ``dataset`` (usable feature rows); returns the serialised state
     and the final report (``resumed`` is 1 when the workers continued from a checkpoint).
+    ``warm_start``: a previous model's serialised state that a fresh fit starts from (a re-clustering).
     ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
     the same name are removed first (they belong to another configuration)."""
+    import ray
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -228,7 +233,9 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         _train_loop,
         train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
                            "report_every": train.report_every, "resume_from": start, "read_batch_rows": train.read_batch_rows,
-                           "pixel_channels": pixel_channels},
+                           "pixel_channels": pixel_channels,
+                           # through the object store, not the config: a model of any size
+                           "warm_start": None if warm_start is None else ray.put(warm_start)},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         # Our filesystem (s3fs with the configured endpoint, the AWS credential chain) rather than Ray's own

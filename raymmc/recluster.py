@@ -1,0 +1,156 @@
+"""`raymmc recluster`: re-cluster a grown archive from a previous run, with stable cluster ids and a drift
+report. Composition only, as :mod:`raymmc.pipeline`:
+
+1. the previous run's config (``--set`` may change training, not the encoders) and its feature cache: only
+   new or changed files are extracted, with the previous run's fitted text encoder;
+2. an unchanged archive reuses the previous model as it is; otherwise training warm-starts from it
+   (k-means from its centroids, DEC/JECL from its network) where the algorithm supports it;
+3. the new model's clusters are matched to the previous run's by the items they share (Hungarian on the
+   overlap, computed on Ray workers by id), unmatched clusters get ids never used before in the lineage;
+4. assignments, report and ``drift.json`` (what moved, clusters born, vanished, split, merged); the manifest
+   records the lineage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from typing import Callable
+
+import numpy as np
+
+from raymmc.cluster.assignment import stable_cluster_ids
+from raymmc.config import ConfigError, RunConfig, from_dict, validate, with_overrides
+from raymmc.io import safestate, storage
+from raymmc.io.rundir import RunDir, StageTimer, check_run_location
+from raymmc.io.storage import StorageOptions
+from raymmc.pipeline import (MODEL_FILE, RunResult, fit_model, fitted_text_encoder, load_model, make_model,
+                             model_params, prepare, save_model, seed_everything, train_nodes, write_manifest,
+                             write_report, write_results)
+from raymmc.report.drift import DriftLimits, drift_report
+
+
+def previous_config(source: RunDir, overrides: list[str] | None,
+                    storage_options: StorageOptions | None) -> tuple[dict, RunConfig]:
+    """The previous run's manifest and its config with ``overrides``; the encoders may not change (the
+    cached features and the fitted text encoder are the previous run's)."""
+    manifest = source.read_json("manifest.json")
+    if not source.exists(MODEL_FILE):
+        raise ConfigError(f"{source.uri} has no fitted model ({MODEL_FILE}): re-cluster from a `raymmc run` or "
+                          "`raymmc recluster` run directory")
+    cfg = from_dict(RunConfig, with_overrides(manifest["config"], overrides))
+    if storage_options is not None:
+        cfg = dataclasses.replace(cfg, storage=storage_options)
+    if cfg.extract != from_dict(RunConfig, manifest["config"]).extract:
+        raise ConfigError("recluster keeps the previous run's encoders (extract.*); start a new lineage with "
+                          "`raymmc run` to change them")
+    return manifest, cfg
+
+
+def start_mode(cfg: RunConfig, previous: RunConfig, unchanged: bool, warm: bool) -> tuple[str, str]:
+    """How training starts: ``("reuse" | "warm" | "cold", why)``."""
+    same_model = (cfg.cluster.algorithm == previous.cluster.algorithm and cfg.cluster.clusters ==
+                  previous.cluster.clusters and model_params(cfg) == model_params(previous) and cfg.seed == previous.seed)
+    if unchanged and same_model:
+        return "reuse", "the archive and the clustering config are unchanged: the previous model is reused as is"
+    if not warm:
+        return "cold", "warm start turned off (--cold)"
+    if cfg.cluster.algorithm != previous.cluster.algorithm or cfg.cluster.clusters != previous.cluster.clusters:
+        return "cold", "another algorithm or number of clusters than the previous run's"
+    if not make_model(cfg).supports_warm_start:
+        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC and JECL have)"
+    return "warm", "training starts from the previous run's model"
+
+
+def recluster(previous_run: str, output: str, *, input_uri: str | None = None, run_name: str | None = None,
+              overrides: list[str] | None = None, warm: bool = True,
+              storage_options: StorageOptions | None = None, drift_limits: DriftLimits = DriftLimits(),
+              log: Callable[[str], None] = print) -> RunResult:
+    """Re-cluster ``input_uri`` (default: the previous run's input) from ``previous_run`` into
+    ``output/run_name``; see the module docstring."""
+    from raymmc.io.storage import resolve
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    source = RunDir(previous_run, storage_options)
+    prev_manifest, cfg = previous_config(source, overrides, storage_options)
+    previous_cfg = from_dict(RunConfig, prev_manifest["config"])
+    name = run_name or f"recluster-{started.strftime('%Y%m%d-%H%M%S')}"
+    input_uri = input_uri or prev_manifest["inputs"]["uri"]
+    cfg = dataclasses.replace(cfg, input=input_uri, output=output, run_name=name)
+    validate(cfg)
+    check_run_location(output, name)
+    seed_everything(cfg.seed)
+    timer = StageTimer()
+    rundir = RunDir(storage.join(output, name), cfg.storage).create()
+    rundir.write_json("config.json", cfg.to_dict())
+
+    cache_root = prev_manifest["features"]["cache"]
+    prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=fitted_text_encoder(cfg, cache_root),
+                   cache_root=cache_root)
+    if prep.usable < cfg.cluster.clusters:
+        raise ValueError(f"only {prep.usable} usable items for {cfg.cluster.clusters} clusters; "
+                         f"see {rundir.path('rejects')}")
+    prev_counts = prev_manifest["counts"]
+    unchanged = (sorted(prep.feature_dirs) == sorted(source.read_json("features.json")["dirs"])
+                 and prep.stats.files_extracted == 0 and prep.stats.rows == prev_counts["read"]
+                 and prep.usable == prev_counts["assigned"])
+    mode, why = start_mode(cfg, previous_cfg, unchanged, warm)
+    log(f"recluster from {previous_run}: {'unchanged' if unchanged else 'changed'} archive; {mode} start ({why})")
+    with timer("cluster"):
+        if mode == "reuse":
+            model, train = load_model(source, previous_cfg), {}
+        else:
+            model, train = fit_model(cfg, prep, rundir, name, log,
+                                     warm_start=source.read_bytes(MODEL_FILE) if mode == "warm" else None)
+    save_model(rundir, model)
+
+    with timer("match"):
+        from raymmc.train.overlap import assignment_overlap, moved_examples, relabel
+        from raymmc.train.predict import ModelSpec, predict_clusters
+
+        t = cfg.cluster.train
+        spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
+                         cfg.extract.pixels.channels)
+        current = predict_clusters(prep.dataset, spec, safestate.dumps(model.state_dict()), workers=t.workers,
+                                   cpus_per_worker=t.cpus_per_worker, batch_rows=t.read_batch_rows)
+        import ray
+
+        fs, path = resolve(source.path("assignments"), cfg.storage)
+        previous = ray.data.read_parquet(path, filesystem=fs).select_columns(["id", "cluster"])
+        overlap = assignment_overlap(previous, current, n_rows=prep.usable + int(prev_counts["assigned"]))
+        prev_sizes = {int(c): int(n) for c, n in source.read_json("metrics.json")["cluster_sizes"].items()}
+        prev_ids = np.array(sorted(c for c in prev_sizes if c >= 0), dtype=np.int64)
+        lineage = prev_manifest.get("lineage") or {"runs": [], "next_cluster_id": 0}
+        next_id = max(int(lineage["next_cluster_id"]), int(prev_ids.max()) + 1 if len(prev_ids) else 0)
+        ids, next_id = stable_cluster_ids(overlap.submatrix(prev_ids, range(cfg.cluster.clusters)), prev_ids,
+                                          next_id)
+    with timer("predict"):
+        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, model, cluster_ids=ids.tolist())
+    with timer("drift"):
+        cur_sizes = {int(c): int(n) for c, n in metrics["cluster_sizes"].items()}
+        # the overlap in stable ids (the model's clusters renamed; the outlier id -1 stays)
+        stable = relabel(overlap.current_ids, ids)
+        cur_ids = np.array(sorted(set(cur_sizes) | set(stable.tolist())), dtype=np.int64)
+        matrix = np.zeros((len(overlap.previous_ids), len(cur_ids)), dtype=np.int64)
+        for j, c in enumerate(stable):
+            matrix[:, int(np.searchsorted(cur_ids, c))] += overlap.matrix[:, j]
+        drift = drift_report(matrix, overlap.previous_ids, cur_ids, prev_sizes, cur_sizes,
+                             examples=moved_examples(overlap.pairs, ids, drift_limits.examples), limits=drift_limits)
+        drift = {"previous_run": previous_run, "start": mode, "start_reason": why, **drift}
+        rundir.write_json("drift.json", drift)
+    log(f"drift: {drift['moved']['count']} of {drift['items']['kept']} kept items moved; "
+        f"{drift['items']['added']} added, {drift['items']['removed']} removed; born {drift['clusters_born']}, "
+        f"vanished {drift['clusters_vanished']}")
+    if cfg.report and summary is not None:
+        with timer("report"):
+            report = write_report(rundir, cfg, summary, metrics, shards=prep.shards, drift=drift,
+                                  title=f"{name} · {cfg.cluster.algorithm} · re-clustered")
+        log(f"report: {report}")
+    manifest = write_manifest(
+        rundir, cfg, prep, started, timer, train=train,
+        nodes={"extract": prep.stats.nodes, "cluster": train_nodes(train), "predict": predict_nodes},
+        lineage={"previous_run": previous_run, "runs": list(lineage["runs"]) + [previous_run],
+                 "next_cluster_id": next_id, "cluster_ids": ids.tolist()},
+        recluster={"start": mode, "why": why, "unchanged_archive": unchanged,
+                   "moved": drift["moved"]["count"], "kept": drift["items"]["kept"]})
+    return RunResult(rundir.uri, metrics, manifest)
