@@ -4,7 +4,8 @@ report. Composition only, as :mod:`raymmc.pipeline`:
 1. the previous run's config (``--set`` may change training, not the encoders) and its feature cache: only
    new or changed files are extracted, with the previous run's fitted text encoder;
 2. an unchanged archive reuses the previous model as it is; otherwise training warm-starts from it
-   (k-means from its centroids, DEC/JECL from its network) where the algorithm supports it;
+   (k-means from its centroids, DEC/JECL from its network, DM2C from its networks and centroids) where the
+   algorithm supports it (not MMDC: its per-item targets are drawn for the previous archive's size);
 3. the new model's clusters are matched to the previous run's by the items they share (Hungarian on the
    overlap, computed on Ray workers by id), unmatched clusters get ids never used before in the lineage;
 4. assignments, report and ``drift.json`` (what moved, clusters born, vanished, split, merged); the manifest
@@ -58,7 +59,7 @@ def start_mode(cfg: RunConfig, previous: RunConfig, unchanged: bool, warm: bool)
     if cfg.cluster.algorithm != previous.cluster.algorithm or cfg.cluster.clusters != previous.cluster.clusters:
         return "cold", "another algorithm or number of clusters than the previous run's"
     if not make_model(cfg).supports_warm_start:
-        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC and JECL have)"
+        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC, JECL and DM2C have)"
     return "warm", "training starts from the previous run's model"
 
 

@@ -114,6 +114,24 @@ def test_self_training_warm_starts_from_the_previous_network(name, one_torch_thr
         wrong._check_warm_start(first.state_dict())
 
 
+def test_dm2c_warm_starts_from_the_previous_networks_and_centroids(one_torch_thread):
+    from raymmc.cluster.protocols import mixed_modal
+    from raymmc.cluster.registry import make_clusterer
+
+    cfg = {"image_hidden": [16], "text_hidden": [16], "latent_dim": 8, "mapping_hidden": [16], "critic_hidden": [8],
+           "batch_size": 32, "pretrain_epochs": 10, "adv_epochs": 10, "kmeans_nredo": 2, "device": "cpu"}
+    old, grown = (mixed_modal(d, seed=0) for d in _grown())
+    first = make_clusterer("dm2c", 4, cfg, seed=0).fit(old)
+    start = make_clusterer("dm2c", 4, {**cfg, "adv_epochs": 0}, seed=0)
+    start.warm_start = first.state_dict()
+    start.fit(old)  # no adversarial step on the same items: the previous model (Lloyd stays at its centroids)
+    np.testing.assert_array_equal(start.labels_, first.predict(old))
+    assert start.target_ == first.target_ and [h["phase"] for h in start.history_][:1] == ["warm_start"]
+    warm = make_clusterer("dm2c", 4, cfg, seed=0)
+    warm.warm_start = first.state_dict()
+    assert "pretrain" not in {h["phase"] for h in warm.fit(grown).history_}
+
+
 # ------------------------------------------------------------------------------------ overlap on Ray
 @pytest.mark.parametrize("rows_per_partition", [10**6, 50])  # one task, and a hash-partitioned groupby
 def test_the_overlap_of_two_runs_on_workers_equals_a_crosstab(ray_session, rows_per_partition):

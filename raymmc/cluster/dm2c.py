@@ -60,7 +60,7 @@ from raymmc.cluster.base import GlobalOps, MultiViewData
 from raymmc.cluster.checkpoint import Phase, Resume
 from raymmc.cluster.deep import DeepClusterer
 from raymmc.cluster.kmeans import InitConfig, NearestCentroid, init_centroids, kmeans, squared_distances
-from raymmc.cluster.lloyd import item_keys
+from raymmc.cluster.lloyd import NearestSearch, item_keys, lloyd
 from raymmc.cluster.nets import broadcast_buffers, forward_in_batches, unwrap
 from raymmc.cluster.pretrain import pretrain_autoencoder
 from raymmc.cluster.sampler import EpochSampler, check_min_batch, steps_per_epoch
@@ -224,6 +224,7 @@ class DM2C(NearestCentroid, DeepClusterer):
     scores), ``counters_`` (pretraining / generator / critic steps), ``n_iter_`` (generator steps).
     Every item needs an image or a text (``usable``)."""
 
+    supports_warm_start = True  # the six networks, the target space and (Lloyd from) the centroids
     name = "dm2c"
     Config = DM2CConfig
 
@@ -274,14 +275,22 @@ class DM2C(NearestCentroid, DeepClusterer):
         samplers = self._samplers(rows, ops)
         start, opt_states = 0, None
         self.counters_ = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
+        warm = self.warm_start if resume is None else None
         if resume is not None:  # all six networks: the mappings and critics keep their initial weights too
             for k, v in raw.items():
                 v.load_state_dict(resume.state["nets"][k])
             self.counters_ = {k: int(v) for k, v in resume.state["counters"].items()}
             start, opt_states = int(resume.state.get("epoch", 0)), resume.state.get("optimizers")
+        elif warm is not None:  # the previous fit's six networks: no pretraining, adversarial training goes on
+            self._check_warm_start(warm)
+            if {k: int(v) for k, v in warm["dims"].items()} != self.dims_:
+                raise ValueError(f"warm start from a model of input widths {warm['dims']}, these have {self.dims_}")
+            for k, v in raw.items():
+                v.load_state_dict(warm["nets"][k])
+            self._report({"phase": "warm_start"})
         self.nets_ = raw
         net = {k: self.wrap(v) for k, v in raw.items()}
-        if resume is None:
+        if resume is None and warm is None:
             for m, key in (("image", "ae_i"), ("text", "ae_t")):
                 pretrain_autoencoder(net[key], rows[m], epochs=cfg.pretrain_epochs, lr=cfg.lr_ae,
                                      weight_decay=cfg.weight_decay, sampler=samplers[m], ops=ops, device=self.device,
@@ -293,13 +302,19 @@ class DM2C(NearestCentroid, DeepClusterer):
         for v in raw.values():
             broadcast_buffers(v, ops)
             v.eval()
-        self.target_ = self._choose_target(rows, ops)
+        # a warm start keeps the previous target space, so that its centroids still mean something there
+        self.target_ = warm["target"] if warm is not None else self._choose_target(rows, ops)
         z = self._embed_tensor(data).cpu()
-        init = InitConfig(nredo=cfg.kmeans_nredo, niter=cfg.kmeans_niter, sample=cfg.kmeans_sample)
-        # the k-means sample keyed by item: the same rows for any worker count
-        priority = self.streams.row_keys(item_keys(data.ids, data.extra.get("index"), len(data)))
-        self.cluster_centers_ = init_centroids(z, self.n_clusters, init, ops, seed=self._kmeans_seed(),
-                                               priority=priority).numpy()
+        if warm is not None:  # Lloyd from the previous centroids (every worker's own rows)
+            self.cluster_centers_ = lloyd(z.numpy(), np.asarray(warm["centroids"], np.float32), ops,
+                                          max_iter=cfg.kmeans_niter, tol=0.0,
+                                          search=NearestSearch(z.shape[1])).centers
+        else:
+            init = InitConfig(nredo=cfg.kmeans_nredo, niter=cfg.kmeans_niter, sample=cfg.kmeans_sample)
+            # the k-means sample keyed by item: the same rows for any worker count
+            priority = self.streams.row_keys(item_keys(data.ids, data.extra.get("index"), len(data)))
+            self.cluster_centers_ = init_centroids(z, self.n_clusters, init, ops, seed=self._kmeans_seed(),
+                                                   priority=priority).numpy()
         self.n_iter_ = self.counters_["gen_steps"]
         self.labels_ = squared_distances(z.numpy(), self.cluster_centers_).argmin(1)
 
