@@ -414,6 +414,10 @@ def resume(run_uri: str, storage_options: StorageOptions | None = None,
     from raymmc.config import from_dict
 
     rundir = RunDir(run_uri, storage_options)
+    if rundir.exists("recluster.json"):
+        previous = rundir.read_json("recluster.json")["previous_run"]
+        raise ConfigError(f"{run_uri} is an interrupted re-clustering: run `raymmc recluster --previous {previous}` "
+                          "again (with another --run-name); its finished feature files come from the cache")
     cfg = from_dict(RunConfig, rundir.read_json("config.json"))
     expected = storage.join(cfg.output, cfg.run_name)
     if storage.is_remote(run_uri):
@@ -467,8 +471,9 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     cfg = dataclasses.replace(cfg, input=input_uri, output=output)
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
-    with timer("assign"):
-        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model(source, cfg))
+    with timer("assign"):  # a re-clustered model writes its lineage's stable cluster ids
+        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model(source, cfg),
+                                                  cluster_ids=(src_manifest.get("lineage") or {}).get("cluster_ids"))
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run,
                               nodes={"extract": prep.stats.nodes, "predict": predict_nodes})
     return RunResult(rundir.uri, metrics, manifest)

@@ -22,6 +22,7 @@ import numpy as np
 
 from raymmc.cluster.assignment import stable_cluster_ids
 from raymmc.config import ConfigError, RunConfig, from_dict, validate, with_overrides
+from raymmc.features.text import FITTED
 from raymmc.io import safestate, storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location
 from raymmc.io.storage import StorageOptions
@@ -50,16 +51,19 @@ def previous_config(source: RunDir, overrides: list[str] | None,
 
 def start_mode(cfg: RunConfig, previous: RunConfig, unchanged: bool, warm: bool) -> tuple[str, str]:
     """How training starts: ``("reuse" | "warm" | "cold", why)``."""
+    if not warm:
+        return "cold", "warm start turned off (--cold)"
     same_model = (cfg.cluster.algorithm == previous.cluster.algorithm and cfg.cluster.clusters ==
                   previous.cluster.clusters and model_params(cfg) == model_params(previous) and cfg.seed == previous.seed)
     if unchanged and same_model:
         return "reuse", "the archive and the clustering config are unchanged: the previous model is reused as is"
-    if not warm:
-        return "cold", "warm start turned off (--cold)"
     if cfg.cluster.algorithm != previous.cluster.algorithm or cfg.cluster.clusters != previous.cluster.clusters:
         return "cold", "another algorithm or number of clusters than the previous run's"
-    if not make_model(cfg).supports_warm_start:
+    model = make_model(cfg)
+    if not model.supports_warm_start:
         return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC, JECL and DM2C have)"
+    if model.warm_start_signature() != make_model(previous).warm_start_signature():
+        return "cold", "the model's architecture or input preparation changed (--set)"
     return "warm", "training starts from the previous run's model"
 
 
@@ -72,9 +76,9 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
     from raymmc.io.storage import resolve
 
     started = _dt.datetime.now(_dt.timezone.utc)
-    source = RunDir(previous_run, storage_options)
-    prev_manifest, cfg = previous_config(source, overrides, storage_options)
+    prev_manifest, cfg = previous_config(RunDir(previous_run, storage_options), overrides, storage_options)
     previous_cfg = from_dict(RunConfig, prev_manifest["config"])
+    source = RunDir(previous_run, cfg.storage)  # the previous run's storage settings unless given
     name = run_name or f"recluster-{started.strftime('%Y%m%d-%H%M%S')}"
     input_uri = input_uri or prev_manifest["inputs"]["uri"]
     cfg = dataclasses.replace(cfg, input=input_uri, output=output, run_name=name)
@@ -84,10 +88,18 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
     timer = StageTimer()
     rundir = RunDir(storage.join(output, name), cfg.storage).create()
     rundir.write_json("config.json", cfg.to_dict())
+    # marks the directory as a re-clustering: `raymmc run --resume` must not continue it as a plain run
+    rundir.write_json("recluster.json", {"previous_run": previous_run, "overrides": list(overrides or []),
+                                         "warm": warm})
 
     cache_root = prev_manifest["features"]["cache"]
-    prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=fitted_text_encoder(cfg, cache_root),
-                   cache_root=cache_root)
+    text_encoder = fitted_text_encoder(cfg, cache_root)
+    if not storage.exists(cache_root, cfg.storage) or (
+            text_encoder is None and prev_manifest["encoders"]["text"].get("model") in FITTED):
+        # extracting and fitting anew would put v2's items in another feature space than the model's
+        raise ConfigError(f"the previous run's feature cache {cache_root} (or its fitted text encoder) is gone: "
+                          "re-cluster from a run whose cache exists, or start a new lineage with `raymmc run`")
+    prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder, cache_root=cache_root)
     if prep.usable < cfg.cluster.clusters:
         raise ValueError(f"only {prep.usable} usable items for {cfg.cluster.clusters} clusters; "
                          f"see {rundir.path('rejects')}")
@@ -121,7 +133,8 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
         overlap = assignment_overlap(previous, current, n_rows=prep.usable + int(prev_counts["assigned"]))
         prev_sizes = {int(c): int(n) for c, n in source.read_json("metrics.json")["cluster_sizes"].items()}
         prev_ids = np.array(sorted(c for c in prev_sizes if c >= 0), dtype=np.int64)
-        lineage = prev_manifest.get("lineage") or {"runs": [], "next_cluster_id": 0}
+        # a plain run's model numbers its clusters 0..K-1 (an empty one too): fresh ids start above them
+        lineage = prev_manifest.get("lineage") or {"runs": [], "next_cluster_id": previous_cfg.cluster.clusters}
         next_id = max(int(lineage["next_cluster_id"]), int(prev_ids.max()) + 1 if len(prev_ids) else 0)
         ids, next_id = stable_cluster_ids(overlap.submatrix(prev_ids, range(cfg.cluster.clusters)), prev_ids,
                                           next_id)

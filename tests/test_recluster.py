@@ -130,6 +130,58 @@ def test_dm2c_warm_starts_from_the_previous_networks_and_centroids(one_torch_thr
     warm = make_clusterer("dm2c", 4, cfg, seed=0)
     warm.warm_start = first.state_dict()
     assert "pretrain" not in {h["phase"] for h in warm.fit(grown).history_}
+    again = make_clusterer("dm2c", 4, cfg, seed=0)
+    again.load_state_dict(warm.state_dict())  # the warm-started model saves and loads like any other
+    np.testing.assert_array_equal(again.predict(grown), warm.predict(grown))
+
+
+def test_a_warm_start_needs_the_same_architecture_and_the_start_mode_says_why():
+    from raymmc.cluster.registry import make_clusterer
+    from raymmc.config import RunConfig, from_dict
+    from raymmc.recluster import start_mode
+
+    old, _ = _grown()
+    first = make_clusterer("kmeans", 4, {"nredo": 1}, seed=0).fit(old)
+    other_view = make_clusterer("kmeans", 4, {"nredo": 1, "view": "image"}, seed=0)
+    other_view.warm_start = first.state_dict()
+    with pytest.raises(ValueError, match="architecture"):
+        other_view.fit(old)
+
+    def cfg(**cluster):
+        return from_dict(RunConfig, {"cluster": {"algorithm": "jecl", "clusters": 5, **cluster}})
+
+    assert start_mode(cfg(), cfg(), unchanged=True, warm=True)[0] == "reuse"
+    assert start_mode(cfg(), cfg(), unchanged=True, warm=False)[0] == "cold"  # --cold wins
+    assert start_mode(cfg(), cfg(), unchanged=False, warm=True)[0] == "warm"
+    schedule = cfg(params={"jecl": {"cluster": {"max_iter": 10}}})
+    assert start_mode(schedule, cfg(), unchanged=False, warm=True)[0] == "warm"  # a schedule is not the model
+    shape = cfg(params={"jecl": {"image_ae": {"latent": 16}}})
+    assert start_mode(shape, cfg(), unchanged=False, warm=True) == (
+        "cold", "the model's architecture or input preparation changed (--set)")
+    assert start_mode(cfg(clusters=6), cfg(), unchanged=False, warm=True)[0] == "cold"
+    mmdc = from_dict(RunConfig, {"cluster": {"algorithm": "mmdc", "clusters": 5}})
+    assert "no warm start" in start_mode(mmdc, mmdc, unchanged=False, warm=True)[1]
+
+
+def test_outliers_are_not_clusters_in_the_drift_report():
+    # the outlier id -1 gains and loses items: counted as moves, never born, vanished, split or merged
+    overlap = np.array([[40, 30], [10, 5]])  # previous 0, -1 x current 0, -1 (sorted: -1 first below)
+    d = drift_report(overlap[::-1, ::-1], np.array([-1, 0]), np.array([-1, 0]), {0: 70, -1: 15}, {0: 50, 5: 3},
+                     examples=[])
+    assert d["moved"]["count"] == 85 - 40 - 5
+    assert d["split"] == [] and d["merged"] == [] and d["clusters_born"] == [5] and d["clusters_vanished"] == []
+
+
+def test_an_interrupted_reclustering_is_not_resumed_as_a_plain_run(tmp_path):
+    from raymmc.config import ConfigError
+    from raymmc.io.rundir import RunDir
+    from raymmc.pipeline import resume
+
+    run = RunDir(str(tmp_path / "v2")).create()
+    run.write_json("config.json", {})
+    run.write_json("recluster.json", {"previous_run": "runs/v1", "overrides": [], "warm": True})
+    with pytest.raises(ConfigError, match="interrupted re-clustering: run `raymmc recluster --previous runs/v1`"):
+        resume(run.uri)
 
 
 # ------------------------------------------------------------------------------------ overlap on Ray
@@ -219,6 +271,10 @@ def test_a_grown_archive_is_reclustered_with_stable_ids_and_an_unchanged_one_mov
         [{"id": i, "previous": c, "current": v2[i]} for i, c in v1.items() if v2[i] != c], key=lambda e: e["id"])[:20]
     ids = set(v2.values())
     assert set(m2["lineage"]["cluster_ids"]) == ids and m2["lineage"]["next_cluster_id"] > max(ids)
+    if algorithm == "kmeans":  # `raymmc assign` with a re-clustered model writes the lineage's ids
+        assert main(["assign", "--model", str(out / "v2"), "--input", str(archive), "--output", str(out),
+                     "--run-name", "again"]) == 0
+        assert _assignments(out / "again") == v2
 
     # unchanged: nothing extracted, nothing moved
     assert main(["recluster", "--previous", str(out / "v2"), "--output", str(out), "--run-name", "v3"]) == 0

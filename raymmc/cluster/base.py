@@ -202,10 +202,19 @@ class Clusterer:
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def warm_start_signature(self) -> dict[str, Any]:
+        """The config a warm start must share with the model it starts from (what its fitted state means);
+        by default all of it."""
+        return dataclasses.asdict(self.config)
+
     def _check_warm_start(self, state: dict[str, Any]) -> None:
         if state.get("algorithm") != self.name or int(state.get("n_clusters", -1)) != self.n_clusters:
             raise ValueError(f"a warm start for {self.name} with {self.n_clusters} clusters cannot come from a "
                              f"{state.get('algorithm')!r} model with {state.get('n_clusters')} clusters")
+        before = type(self)(self.n_clusters, state.get("config")).warm_start_signature()
+        if before != self.warm_start_signature():
+            raise ValueError(f"a warm start needs the previous {self.name} model's architecture and input "
+                             f"preparation: it had {before}, this fit has {self.warm_start_signature()}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -275,16 +275,19 @@ class DM2C(NearestCentroid, DeepClusterer):
         samplers = self._samplers(rows, ops)
         start, opt_states = 0, None
         self.counters_ = {"pretrain_steps": 0, "gen_steps": 0, "critic_steps": 0}
-        warm = self.warm_start if resume is None else None
+        # a warm start also governs a resumed warm-started fit (a restarted worker group): its target space and
+        # centroids come from the previous model; only the networks come from the checkpoint
+        warm = self.warm_start
+        if warm is not None:
+            self._check_warm_start(warm)
+            if {k: int(v) for k, v in warm["dims"].items()} != self.dims_:
+                raise ValueError(f"warm start from a model of input widths {warm['dims']}, these have {self.dims_}")
         if resume is not None:  # all six networks: the mappings and critics keep their initial weights too
             for k, v in raw.items():
                 v.load_state_dict(resume.state["nets"][k])
             self.counters_ = {k: int(v) for k, v in resume.state["counters"].items()}
             start, opt_states = int(resume.state.get("epoch", 0)), resume.state.get("optimizers")
         elif warm is not None:  # the previous fit's six networks: no pretraining, adversarial training goes on
-            self._check_warm_start(warm)
-            if {k: int(v) for k, v in warm["dims"].items()} != self.dims_:
-                raise ValueError(f"warm start from a model of input widths {warm['dims']}, these have {self.dims_}")
             for k, v in raw.items():
                 v.load_state_dict(warm["nets"][k])
             self._report({"phase": "warm_start"})
@@ -303,7 +306,10 @@ class DM2C(NearestCentroid, DeepClusterer):
             broadcast_buffers(v, ops)
             v.eval()
         # a warm start keeps the previous target space, so that its centroids still mean something there
-        self.target_ = warm["target"] if warm is not None else self._choose_target(rows, ops)
+        if warm is not None:
+            self.target_, self.silhouette_ = warm["target"], dict(warm.get("silhouette", {}))
+        else:
+            self.target_ = self._choose_target(rows, ops)
         z = self._embed_tensor(data).cpu()
         if warm is not None:  # Lloyd from the previous centroids (every worker's own rows)
             self.cluster_centers_ = lloyd(z.numpy(), np.asarray(warm["centroids"], np.float32), ops,
@@ -317,6 +323,12 @@ class DM2C(NearestCentroid, DeepClusterer):
                                                    priority=priority).numpy()
         self.n_iter_ = self.counters_["gen_steps"]
         self.labels_ = squared_distances(z.numpy(), self.cluster_centers_).argmin(1)
+
+    def warm_start_signature(self) -> dict[str, Any]:
+        """The six networks' shapes and the input preparation (not the schedules or learning rates)."""
+        keys = ("image_hidden", "text_hidden", "latent_dim", "mapping_hidden", "critic_hidden", "input_norm",
+                "embed_norm")
+        return {k: getattr(self.config, k) for k in keys}
 
     def _training_state(self, epoch: int, opts: dict[str, torch.optim.Optimizer] | None) -> dict[str, Any]:
         state = {"nets": {k: v.state_dict() for k, v in self.nets_.items()}, "counters": dict(self.counters_),

@@ -149,6 +149,9 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
     Config = KMeansConfig
     supports_warm_start = True  # Lloyd iterations from the previous centroids
 
+    def warm_start_signature(self) -> dict[str, Any]:
+        return {"view": self.config.view}  # the space the centroids live in
+
     def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "KMeans":
         self.check_usable(data)
         c, k = self.config, self.n_clusters

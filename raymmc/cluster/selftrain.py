@@ -253,6 +253,15 @@ class SelfTrainingClusterer(DeepClusterer):
             raise ValueError(f"warm start from a model of input widths {self.dims_}, these features have {dims}")
         self.net_ = self.net_.to(self.device, self.dtype)
 
+    def warm_start_signature(self) -> dict[str, Any]:
+        """The autoencoders' shapes, the view(s) and the input preparation (not the training schedule)."""
+        c, shape = self.config, ("hidden", "latent", "activation")
+        out = {k: getattr(c, k) for k in ("view", "normalize_input", "input_scale") if hasattr(c, k)}
+        for name in ("ae", "image_ae", "text_ae"):
+            if hasattr(c, name):
+                out[name] = {k: getattr(getattr(c, name), k) for k in shape}
+        return out
+
     def _items(self, data: MultiViewData) -> np.ndarray:
         """The stable keys (ids, else global row index) of the training rows, in ``_rows``' order."""
         return item_keys(data.ids, data.extra.get("index"), len(data))

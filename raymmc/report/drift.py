@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+OUTLIER = -1  # the cluster id of an item an outlier rule left out (raymmc.train.predict.OUTLIER)
+
 
 @dataclass(frozen=True)
 class DriftLimits:
@@ -37,14 +39,21 @@ def drift_report(overlap: np.ndarray, previous_ids: np.ndarray, current_ids: np.
     n_prev, n_cur = int(sum(previous_sizes.values())), int(sum(current_sizes.values()))
     kept_from = dict(zip(prev, ov.sum(axis=1).tolist()))
     kept_into = dict(zip(cur, ov.sum(axis=0).tolist()))
+    # the outlier id (-1) is not a cluster: counted in the items and the moves, never split, merged, born or gone
     split = []
     for i, c in enumerate(prev):
-        parts = [cur[j] for j in np.flatnonzero(ov[i] >= limits.part_share * max(kept_from[c], 1)) if ov[i, j] > 0]
+        if c == OUTLIER:
+            continue
+        parts = [cur[j] for j in np.flatnonzero(ov[i] >= limits.part_share * max(kept_from[c], 1))
+                 if ov[i, j] > 0 and cur[j] != OUTLIER]
         if len(parts) >= 2:
             split.append({"cluster": c, "into": parts, "items": [int(ov[i, cur.index(p)]) for p in parts]})
     merged = []
     for j, c in enumerate(cur):
-        parts = [prev[i] for i in np.flatnonzero(ov[:, j] >= limits.part_share * max(kept_into[c], 1)) if ov[i, j] > 0]
+        if c == OUTLIER:
+            continue
+        parts = [prev[i] for i in np.flatnonzero(ov[:, j] >= limits.part_share * max(kept_into[c], 1))
+                 if ov[i, j] > 0 and prev[i] != OUTLIER]
         if len(parts) >= 2:
             merged.append({"cluster": c, "from": parts, "items": [int(ov[prev.index(p), j]) for p in parts]})
     ids = sorted(set(previous_sizes) | set(current_sizes))
@@ -59,8 +68,8 @@ def drift_report(overlap: np.ndarray, previous_ids: np.ndarray, current_ids: np.
                   "removed": n_prev - common},
         "moved": {"count": common - stayed, "share": round((common - stayed) / common, 6) if common else 0.0,
                   "examples": list(examples or [])[:limits.examples]},
-        "clusters_born": sorted(set(current_sizes) - set(previous_sizes)),
-        "clusters_vanished": sorted(set(previous_sizes) - set(current_sizes)),
+        "clusters_born": sorted(set(current_sizes) - set(previous_sizes) - {OUTLIER}),
+        "clusters_vanished": sorted(set(previous_sizes) - set(current_sizes) - {OUTLIER}),
         "split": split,
         "merged": merged,
         "clusters": clusters,

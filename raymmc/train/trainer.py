@@ -137,7 +137,7 @@ def _train_loop(loop_cfg: dict) -> None:
         with restored.as_directory() as d:
             with open(os.path.join(d, RESUME_FILE), "rb") as f:
                 model.resume_state = safestate.loads(f.read(), where=f"{restored.path}/{RESUME_FILE}")
-    elif loop_cfg.get("warm_start") is not None:  # a re-clustering: start from the previous run's model
+    if loop_cfg.get("warm_start") is not None:  # a re-clustering: the previous run's model (also on a restart)
         model.warm_start = safestate.loads(ray.get(loop_cfg["warm_start"]), where="the warm-start model")
 
     def checkpoint_fn(state: dict) -> None:
