@@ -15,7 +15,7 @@ from raymmc.io.shards import ShardError
 from raymmc.io.storage import StorageError
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser, clusters_range: bool = False) -> None:
     p.add_argument("--config", help="YAML config file (see jobs/configs/)")
     p.add_argument("--input", help="archive URI: local dir, file://, s3://, gs:// (default: the demo data)")
     p.add_argument("--input-format", choices=FORMATS,
@@ -24,7 +24,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="where run directories are created (default: ./runs)")
     p.add_argument("--run-name", help="run directory name (default: <algorithm>-<timestamp>)")
     p.add_argument("--algorithm", help="kmeans | dec | jecl | dm2c | mmdc | auto (picks from the data's modalities)")
-    p.add_argument("--clusters", type=int, help="number of clusters K")
+    if clusters_range:
+        p.add_argument("--clusters", help="number of clusters K, or LO:HI to choose K by the label-free score")
+    else:
+        p.add_argument("--clusters", type=int, help="number of clusters K")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-parallel Ray workers for the clustering (any algorithm; "
                    "cluster.train.workers)")
@@ -42,7 +45,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     cluster = {}
     if args.algorithm is not None:
         cluster["algorithm"] = args.algorithm
-    if args.clusters is not None:
+    if isinstance(args.clusters, int):
         cluster["clusters"] = args.clusters
     if getattr(args, "workers", None) is not None:
         cluster["train"] = {"workers": args.workers}
@@ -114,6 +117,30 @@ def cmd_recluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raymmc.sweep import tune
+
+    values = cli_values(args)
+    if args.trials is not None:
+        values["tune"] = {"trials": args.trials}
+    cfg = load_config(args.config, args.overrides, values)
+    result = tune(cfg, clusters=args.clusters)
+    print(f"\nsweep directory: {result.sweep_uri}")
+    s = result.manifest["summary"]
+    print(f"{s['trials']} trial(s): {s['completed']} completed, {s['stopped_early']} stopped early by ASHA, "
+          f"{s['failed']} failed")
+    if s.get("spearman_score_nmi") is not None:
+        print(f"Spearman(score, NMI) over the completed trials (labels only checked, never used): "
+              f"{s['spearman_score_nmi']:.3f}")
+    if result.best is None:
+        print("no trial completed: nothing chosen", file=sys.stderr)
+        return 1
+    b = result.best
+    print(f"best: K={b['clusters']} {json.dumps(b['params'])} {b['score_name']}={b['score']:.4f} "
+          f"(its run on the whole archive: {b['run_score']:.4f}) -> {b['run']}")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from raymmc import datasets
 
@@ -167,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_rc.add_argument("--cold", action="store_true", help="train from scratch instead of from the previous model")
     p_rc.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p_rc.set_defaults(func=cmd_recluster)
+
+    p_tu = sub.add_parser("tune", help="a Ray Tune sweep over an algorithm's hyperparameters (and K), chosen by a "
+                          "label-free score; trials.csv, best.json, the winner's run directory")
+    add_run_args(p_tu, clusters_range=True)
+    p_tu.add_argument("--trials", type=int, help="number of trials (tune.trials)")
+    p_tu.set_defaults(func=cmd_tune)
 
     p_ds = sub.add_parser("datasets", help="build demo archives from public data")
     ds_sub = p_ds.add_subparsers(dest="action", required=True)

@@ -17,6 +17,7 @@ from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.rundir import RunLocationError, check_run_location
 from raymmc.io.storage import StorageOptions
 from raymmc.train.trainer import TrainConfig
+from raymmc.train.tune import TuneSettings
 
 
 from raymmc.typed import ConfigError, from_dict  # noqa: F401  (re-exported)
@@ -105,6 +106,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     report: bool = True  # report/index.html (clusters.parquet is written either way)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    tune: TuneSettings = field(default_factory=TuneSettings)  # `raymmc tune` only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +189,19 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"archive.{key} must be >= 1 (or null: the first file's)")
     if cfg.cluster.clusters < 2:
         raise ConfigError("cluster.clusters must be at least 2")
+    t = cfg.tune
+    if t.trials < 1 or t.max_concurrent < 1 or t.max_items < 2 or t.score_rows < 3:
+        raise ConfigError("tune: need trials >= 1, max_concurrent >= 1, max_items >= 2, score_rows >= 3")
+    if t.report_steps < 1 or t.grace_steps < 1 or t.reduction_factor < 2:
+        raise ConfigError("tune: need report_steps >= 1, grace_steps >= 1, reduction_factor >= 2")
+    if t.cpus_per_trial < 0 or t.gpus_per_trial < 0:
+        raise ConfigError("tune: cpus_per_trial and gpus_per_trial must be >= 0")
+    from raymmc.train.tune_space import space as search_space
+
+    for name, overrides in t.space.items():  # each algorithm's searched names and specs, before any work
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"tune.space.{name} must be a mapping of searched names to [kind, ...] specs")
+        search_space(name, overrides)
     if cfg.extract.min_actors < 1 or cfg.extract.max_actors < cfg.extract.min_actors:
         raise ConfigError("extract: need 1 <= min_actors <= max_actors")
     if cfg.extract.buffer_mb is not None and cfg.extract.buffer_mb < 64:

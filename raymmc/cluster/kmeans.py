@@ -42,6 +42,9 @@ class KMeansConfig:
     tol: float = 1e-6  # Lloyd stops when the inertia improves by less than this fraction
     # Which features: "concat" = each view L2-normalised, missing view zeros, concatenated.
     view: Literal["concat", "image", "text"] = "concat"
+    # "concat" only: the image block's rows are multiplied by this (the caption block's by 1), so the views weigh
+    # image_weight^2 : 1 in the squared distances. 1 = equal weight; `raymmc tune` searches it.
+    image_weight: float = 1.0
     use_gpu: bool = True  # used only where faiss has GPUs (the worker's own)
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
 
@@ -150,14 +153,14 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
     supports_warm_start = True  # Lloyd iterations from the previous centroids
 
     def warm_start_signature(self) -> dict[str, Any]:
-        return {"view": self.config.view}  # the space the centroids live in
+        return {"view": self.config.view, "image_weight": self.config.image_weight}  # the centroids' space
 
     def fit(self, data: MultiViewData, ops: GlobalOps = LOCAL) -> "KMeans":
         self.check_usable(data)
         c, k = self.config, self.n_clusters
         if c.sample < k:
             raise ValueError(f"kmeans.sample={c.sample} is fewer than the {k} clusters")
-        x, _ = view_matrix(data, c.view)
+        x, _ = view_matrix(data, c.view, image_weight=c.image_weight)
         n_total = int(ops.all_reduce_sum(torch.tensor([float(len(x))], dtype=torch.float64)).item())
         if n_total < k:  # the same total on every worker: all refuse together
             raise ValueError(f"k-means needs at least k={k} points, got {n_total}")
@@ -223,7 +226,7 @@ class KMeans(ConfiguredView, NearestCentroid, Clusterer):
 
     def embed(self, data: MultiViewData) -> np.ndarray:
         self.check_usable(data)
-        return view_matrix(data, self.config.view)[0]
+        return view_matrix(data, self.config.view, image_weight=self.config.image_weight)[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._header(), "centroids": self._fitted("cluster_centers_"),

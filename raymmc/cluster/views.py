@@ -38,13 +38,15 @@ def has_view(data: MultiViewData, view: str) -> np.ndarray:
 
 
 def view_matrix(data: MultiViewData, view: str, normalize: bool = True,
-                scale: float | str = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                scale: float | str = 1.0, image_weight: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """``(features, has_view)``: "image", "text", or both concatenated ("concat"), each view prepared
-    with :func:`prepare_features`; the row of an item without a view is zeros in that view's block."""
+    with :func:`prepare_features`; the row of an item without a view is zeros in that view's block.
+    ``image_weight`` multiplies the image block of "concat"."""
     parts = []
     for name, arr, mask in (("image", data.image, data.has_image), ("text", data.text, data.has_text)):
         if view in (name, "concat") and arr is not None:
-            parts.append(prepare_features(arr, normalize, scale) * mask[:, None])
+            w = image_weight if name == "image" and view == "concat" else 1.0
+            parts.append(prepare_features(arr, normalize, scale) * (mask[:, None] * np.float32(w)))
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
     if not parts:
