@@ -138,8 +138,8 @@ def tune(cfg: RunConfig, clusters: str | int | None = None, log: Callable[[str],
     from raymmc.pipeline import demo_input, prepare, run, seed_everything, used_modalities
     from raymmc.raysession import alive_nodes
     from raymmc.report.sweep import spearman, write_sweep_report
-    from raymmc.train.tune import (TrialSetup, Scorer, make_scheduler, make_search, resolve_score, run_trial,
-                                   sample_refs)
+    from raymmc.train.tune import (TrialSetup, Scorer, make_scheduler, make_search, mlflow_callbacks, resolve_score,
+                                   run_trial, sample_refs)
     from raymmc.train.tune_space import parse_clusters, space
 
     algorithm = cfg.cluster.algorithm
@@ -157,6 +157,7 @@ def tune(cfg: RunConfig, clusters: str | int | None = None, log: Callable[[str],
     check_run_location(cfg.output, name)
     input_uri = cfg.input or demo_input(cfg, log)
     cfg = dataclasses.replace(cfg, input=input_uri, run_name=name)
+    callbacks = mlflow_callbacks(settings, name)  # before any work: mlflow may be missing
     rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
     rundir.write_json("config.json", {**cfg.to_dict(), "tune_clusters": [lo, hi]})
 
@@ -189,7 +190,7 @@ def tune(cfg: RunConfig, clusters: str | int | None = None, log: Callable[[str],
                                         scheduler=make_scheduler(settings, setup, max_steps),
                                         num_samples=settings.trials, max_concurrent_trials=settings.max_concurrent),
         run_config=ray_tune.RunConfig(name="trials", storage_path=tune_path if remote else os.path.abspath(tune_path),
-                                      storage_filesystem=fs if remote else None, verbose=0),
+                                      storage_filesystem=fs if remote else None, verbose=0, callbacks=callbacks),
     )
     with timer("trials"), credentials_kept_out_of_runtime_envs():
         results = tuner.fit()

@@ -271,7 +271,7 @@ def test_tune_sweep(ray_session, bad_archive, feature_cache, tmp_path):
     assert tune_sweep.main(["--input", bad_archive["uri"], "--output", str(out), "--run-name", "s",
                             "--algorithm", "kmeans", "--clusters", "2:5", "--trials", "4",
                             "--set", "extract.text.model=none", "--set", f"extract.cache={feature_cache}",
-                            "--set", "report=false"]) == 0
+                            "--set", "report=false", "--set", f"tune.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
     sweep = out / "s"
     rows = list(csv.DictReader((sweep / "trials.csv").open()))
     assert len(rows) == 4 and {"trial_id", "image_weight", "nredo", "clusters", "score", "nmi"} <= set(rows[0])
@@ -290,5 +290,11 @@ def test_tune_sweep(ray_session, bad_archive, feature_cache, tmp_path):
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["summary"]["completed"] == 4 and manifest["counts"]["usable"] == run_manifest["counts"]["assigned"]
     assert (sweep / "report" / "index.html").exists() and (sweep / "report" / "score_vs_nmi.png").exists()
+    from mlflow.tracking import MlflowClient  # every trial logged to MLflow, with its values and score
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    assert sorted(r.data.metrics["score"] for r in logged) == sorted(float(r["score"]) for r in rows)
+    assert {r.data.params["clusters"] for r in logged} == {r["clusters"] for r in rows}
     best_yaml = load_config(str(sweep / "best.yaml"))  # a whole run config of the winner
     assert best_yaml.cluster.clusters == best["clusters"] and best_yaml.cluster.kmeans.nredo == best["params"]["nredo"]

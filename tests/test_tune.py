@@ -15,7 +15,8 @@ from raymmc.train import tune_space
 from raymmc.train.tune import Scorer, TrialSetup, fit_point, point_of, resolve_score, score_mask
 
 
-def blobs(n_per: int = 40, k: int = 4, seed: int = 0, dims: tuple[int, int] = (12, 8)) -> tuple[MultiViewData, np.ndarray]:
+def blobs(n_per: int = 40, k: int = 4, seed: int = 0,
+          dims: tuple[int, int] = (12, 8)) -> tuple[MultiViewData, np.ndarray]:
     """Two views of ``k`` well-separated clusters (the text view a noisier copy of the same structure)."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(k), n_per)

@@ -79,7 +79,8 @@ def write_sweep_report(rundir: RunDir, rows: Sequence[dict[str, Any]], best: dic
                      f"Its run on the whole archive: <code>{html.escape(str(best.get('run') or ''))}</code>.</p>")
     rho, n = spearman(rows)
     if rho is not None:
-        parts.append(f"<p>Where the archive has labels: Spearman(score, NMI) = {rho:.3f} over {n} completed trials.</p>")
+        parts.append(f"<p>Where the archive has labels: Spearman(score, NMI) = {rho:.3f} over {n} completed "
+                     "trials.</p>")
     if png is not None:
         rundir.write_bytes("report/score_vs_nmi.png", png)
         parts.append('<img alt="score against NMI" src="data:image/png;base64,'

@@ -46,6 +46,9 @@ class TuneSettings:
     score_rows: int = 5000  # the score's keyed sample (silhouette is quadratic in it)
     # name -> [kind, *args] (or null to drop it), per algorithm: {"jecl": {"lam": ["uniform", 0.3, 0.7]}}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # MLflow tracking URI (e.g. sqlite:///mlflow.db, http://mlflow:5000): every trial's values and scores are logged
+    # there as a run of the experiment named after the sweep. Needs `pip install 'raymmc[mlflow]'`.
+    mlflow_uri: str | None = None
 
 
 def default_score(algorithm: str) -> str:
@@ -237,6 +240,22 @@ def make_search(settings: TuneSettings, setup: TrialSetup):
     sampler = (optuna.samplers.TPESampler(seed=setup.seed) if settings.search == "optuna"
                else optuna.samplers.RandomSampler(seed=setup.seed))
     return OptunaSearch(space=DefineSpace(setup.space, setup.clusters), metric="score", mode="max", sampler=sampler)
+
+
+def mlflow_callbacks(settings: TuneSettings, experiment: str) -> list:
+    """Ray Tune's MLflow logger where ``tune.mlflow_uri`` is set (a clear error where mlflow is not installed)."""
+    if not settings.mlflow_uri:
+        return []
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        from raymmc.typed import ConfigError
+
+        raise ConfigError("tune.mlflow_uri is set but mlflow is not installed: pip install 'raymmc[mlflow]'") from None
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=settings.mlflow_uri, experiment_name=experiment,
+                                 tags={"raymmc": "tune"}, save_artifact=False)]
 
 
 def make_scheduler(settings: TuneSettings, setup: TrialSetup, max_steps: int):
