@@ -280,3 +280,49 @@ def test_protocols():
     mixed = mixed_modal(data, seed=0)
     assert (mixed.has_image ^ mixed.has_text).all()
     assert 10 < mixed.has_image.sum() < 30
+
+
+def test_joint_target_per_view_is_the_papers_reading():
+    """mix="per_view": each view's DEC target, mixed by lam; a caption-less row sums to lam (the paper:
+    the missing text term is 0, so captioned items get the larger p and gradient)."""
+    g_ = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(6, 4, generator=g_, dtype=torch.float64), 1)
+    r = torch.softmax(torch.randn(6, 4, generator=g_, dtype=torch.float64), 1)
+    f, g = q.mean(0), r.mean(0)
+    has_text = torch.tensor([True, True, False, True, False, True])
+    has_image = torch.tensor([True, True, True, False, True, True])
+    p = joint_target(q, r, f, g, lam=0.3, has_text=has_text, has_image=has_image, mix="per_view")
+    pa, pb = target_distribution(q, f), target_distribution(r, g)
+    both = has_text & has_image
+    assert torch.allclose(p[both], 0.3 * pa[both] + 0.7 * pb[both])
+    assert torch.allclose(p[~has_text], 0.3 * pa[~has_text])
+    assert torch.allclose(p[~has_image], 0.7 * pb[~has_image])
+    assert torch.allclose(p.sum(1), torch.tensor([1, 1, .3, .7, .3, 1], dtype=torch.float64))
+    # complete data, lam = 1: DEC's target either way
+    assert torch.allclose(joint_target(q, r, f, g, lam=1.0, mix="per_view"), pa)
+    with pytest.raises(ValueError, match="mix"):
+        joint_target(q, r, f, g, mix="sum")
+
+
+def test_jecl_text_terms_normalised_by_captioned_count():
+    """text_loss_norm="captioned": the text KL and JSD are the mean over captioned rows, so at 50% missing
+    captions they keep the weight they have on complete data; "batch" halves them."""
+    from raymmc.cluster.jecl import jecl_loss
+    g_ = torch.Generator().manual_seed(1)
+    q = torch.softmax(torch.randn(8, 3, generator=g_, dtype=torch.float64), 1)
+    r = torch.softmax(torch.randn(8, 3, generator=g_, dtype=torch.float64), 1)
+    p = target_distribution(q, q.mean(0))
+    hi = torch.ones(8, dtype=torch.bool)
+    ht = torch.tensor([True, False] * 4)
+    batch = jecl_loss(p, q, r, hi, ht, beta=0.1, gamma=0.1)
+    capt = jecl_loss(p, q, r, hi, ht, beta=0.1, gamma=0.1, text_loss_norm="captioned")
+    assert torch.allclose(capt["kl_text"], 2 * batch["kl_text"])
+    assert torch.allclose(capt["jsd"], 2 * batch["jsd"])
+    assert torch.allclose(capt["kl_image"], batch["kl_image"])
+    # the captioned rows alone, complete: the same per-row mean
+    only = jecl_loss(p[ht], q[ht], r[ht], hi[ht], ht[ht], beta=0.1, gamma=0.1)
+    assert torch.allclose(capt["kl_text"], only["kl_text"])
+    # complete data: both norms agree
+    full = torch.ones(8, dtype=torch.bool)
+    assert torch.allclose(jecl_loss(p, q, r, hi, full, .1, .1)["loss"],
+                          jecl_loss(p, q, r, hi, full, .1, .1, text_loss_norm="captioned")["loss"])

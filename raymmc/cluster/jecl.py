@@ -10,7 +10,8 @@ t -> v with centroids nu (soft assignment r) -- trained together:
 3. the clusters are matched across views once (Hungarian on the all-reduced K x K
    co-occurrence matrix of image and text k-means labels; the text centroids are permuted);
 4. self-training towards the joint target ``p ∝ lam q^2/f + (1-lam) r^2/g`` (image term alone for
-   an item without caption), recomputed every ``update_interval`` steps over the whole data set,
+   an item without caption; ``target="per_view"`` is the paper's reading, each term normalised then
+   mixed, so a caption-less row sums to lam), recomputed every ``update_interval`` steps over the whole data set,
    with the loss ``KL(P||Q) + KL(P||R) + beta * JSD(Q||R) + gamma * [KL(qbar||U) + KL(rbar||U)]``
    (no text KL and no JSD for items without caption; qbar, rbar over the batch, with gradient);
 5. final cluster ``argmax_j lam q_ij + (1-lam) r_ij`` (q alone without caption).
@@ -67,6 +68,14 @@ class JECLConfig(SelfTrainingModelConfig):
     # raw sums: equal for complete data; with missing captions it keeps lam the real weight of
     # the image view instead of up-weighting the text term by n_items / n_captioned.
     frequency_as_fraction: bool = True
+    # The joint target of an item without a caption (issue 13). "joint" (ours): its image term
+    # alone, renormalised -- a full DEC target. "per_view" (the paper): each view's term
+    # normalised, then mixed, so a caption-less row sums to lam and pulls less than a paired one.
+    target: Literal["joint", "per_view"] = "joint"
+    # What the text KL and the JSD are divided by. "batch": the batch size (captioned rows only
+    # contribute, so at 50% missing captions those terms lose half their weight). "captioned": the
+    # global batch's captioned count, so the text terms keep their weight whatever the missing rate.
+    text_loss_norm: Literal["batch", "captioned"] = "batch"
     image_ae: AEConfig = field(default_factory=AEConfig)
     text_ae: AEConfig = field(default_factory=AEConfig)
 
@@ -82,19 +91,28 @@ def global_mean_assignment(q: torch.Tensor, weight: torch.Tensor, ops: GlobalOps
 
 def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torch.Tensor, has_text: torch.Tensor,
               beta: float, gamma: float, align: bool = True, regularize: bool = True, ops: GlobalOps = LOCAL,
-              weight: float = 1.0) -> dict[str, torch.Tensor]:
+              weight: float = 1.0, text_loss_norm: str = "batch") -> dict[str, torch.Tensor]:
     """JECL's loss on a batch; every term but the regulariser is summed over the batch rows and divided by
     the batch size (rows without a view contribute nothing to that view's terms), times ``weight`` (a
-    keyed sampler's, see raymmc.cluster.sampler). The regulariser is on the mean assignment of the global
+    keyed sampler's, see raymmc.cluster.sampler). With ``text_loss_norm="captioned"`` the text KL and the
+    JSD are divided by the captioned share of the global batch instead (their weight then does not
+    shrink with the missing-caption rate). The regulariser is on the mean assignment of the global
     batch (every worker's, through ``ops``): the paper's batch mean, whatever the worker count. Returns all
     terms and their weighted sum under ``"loss"``."""
     hi = has_image.to(q.dtype)
     ht = has_text.to(q.dtype)
     n = max(q.shape[0], 1)
-    terms = {"kl_image": kl_div(p, q, hi) * weight, "kl_text": kl_div(p, r, ht) * weight}
+    text_scale = weight
+    if text_loss_norm == "captioned":  # the global batch's captioned share; the collective runs on every worker
+        counts = ops.all_reduce_sum(torch.stack([ht.sum().detach(), ht.new_tensor(float(q.shape[0]))]))
+        text_scale = weight / max(float(counts[0] / torch.clamp(counts[1], min=1.0)), 1e-12) \
+            if float(counts[0]) > 0 else weight
+    elif text_loss_norm != "batch":
+        raise ValueError(f"unknown text_loss_norm {text_loss_norm!r} (batch or captioned)")
+    terms = {"kl_image": kl_div(p, q, hi) * weight, "kl_text": kl_div(p, r, ht) * text_scale}
     total = terms["kl_image"] + terms["kl_text"]
     both = hi * ht
-    terms["jsd"] = (jsd(q, r) * both).sum() / n * weight
+    terms["jsd"] = (jsd(q, r) * both).sum() / n * text_scale
     if align:
         total = total + beta * terms["jsd"]
     reg = q.new_zeros(())
@@ -133,7 +151,7 @@ class _JECLObjective:
                                          batch_size=c.eval_batch_size)
         f = global_soft_frequency(q, self.ops, r["hi"], normalize=c.frequency_as_fraction)
         g = global_soft_frequency(rt, self.ops, r["ht"], normalize=c.frequency_as_fraction)
-        p = joint_target(q, rt, f, g, c.lam, has_text=r["ht"], has_image=r["hi"])
+        p = joint_target(q, rt, f, g, c.lam, has_text=r["ht"], has_image=r["hi"], mix=c.target)
         return p, combine(q, rt, r["hi"], r["ht"], c.lam).argmax(1)
 
     def loss(self, idx: np.ndarray, p: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
@@ -141,7 +159,7 @@ class _JECLObjective:
         r = self.rows
         _, q, _, rt = self.net(r["x"][i].to(dev), r["t"][i].to(dev))
         return jecl_loss(p[i].to(dev), q, rt, r["hi"][i].to(dev), r["ht"][i].to(dev), c.beta, c.gamma, c.align,
-                         c.regularize, self.ops, weight=weight)
+                         c.regularize, self.ops, weight=weight, text_loss_norm=c.text_loss_norm)
 
 
 class JECL(SelfTrainingClusterer):

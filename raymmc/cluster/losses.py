@@ -67,23 +67,35 @@ def target_distribution(q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def joint_target(q: torch.Tensor, r: torch.Tensor, f: torch.Tensor, g: torch.Tensor, lam: float = 0.5,
-                 has_text: torch.Tensor | None = None, has_image: torch.Tensor | None = None) -> torch.Tensor:
-    """JECL joint target ``p_ij ∝ lam q_ij^2/f_j + (1-lam) r_ij^2/g_j`` normalised over j.
+                 has_text: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
+                 mix: str = "joint") -> torch.Tensor:
+    """JECL joint target from the image term ``a_ij = q_ij^2/f_j`` and the text term ``b_ij = r_ij^2/g_j``.
 
-    Rows with ``has_text`` False use the image term alone (their ``r`` is ignored), rows with
-    ``has_image`` False the text term alone.  The two terms are mixed before normalisation (as in
-    the paper): an item whose views agree confidently gets a sharper target.  Pass ``f`` and ``g``
-    on the same scale (e.g. both as fractions, see :func:`global_soft_frequency`), else ``lam`` is
-    silently re-weighted.
+    ``mix="joint"``: ``p ∝ lam a + (1-lam) b`` normalised over j, so an item whose views agree
+    confidently gets a sharper target; a row with ``has_text`` False uses its image term alone
+    (renormalised: a full DEC target), one with ``has_image`` False its text term alone.
+    ``mix="per_view"`` (the paper's reading, ../shared/ALGORITHMS.md): each term normalised over j,
+    then mixed, ``p = lam a/|a| + (1-lam) b/|b|``; a missing view's term is 0, so a caption-less row
+    sums to ``lam`` and pulls with less weight than a paired one.  Pass ``f`` and ``g`` on the same
+    scale (e.g. both as fractions, see :func:`global_soft_frequency`), else ``lam`` is silently
+    re-weighted under "joint".
     """
     a = q.pow(2) / torch.clamp(f, min=EPS)[None, :]
     b = r.pow(2) / torch.clamp(g, min=EPS)[None, :]
-    w = lam * a + (1.0 - lam) * b
-    if has_text is not None:
-        w = torch.where(has_text.bool()[:, None], w, a)
+    if mix == "per_view":
+        a = a / torch.clamp(a.sum(dim=1, keepdim=True), min=EPS)
+        b = b / torch.clamp(b.sum(dim=1, keepdim=True), min=EPS)
+    elif mix != "joint":
+        raise ValueError(f"unknown joint-target mix {mix!r} (joint or per_view)")
+    wa, wb = lam * a, (1.0 - lam) * b
+    w = wa + wb
+    if has_text is not None:  # the missing view's term is 0
+        w = torch.where(has_text.bool()[:, None], w, wa)
     if has_image is not None:
-        w = torch.where(has_image.bool()[:, None], w, b)
-    return w / torch.clamp(w.sum(dim=1, keepdim=True), min=EPS)
+        w = torch.where(has_image.bool()[:, None], w, wb)
+    if mix == "per_view":
+        return w
+    return w / torch.clamp(w.sum(dim=1, keepdim=True), min=EPS)  # "joint": missing view -> the other's full target
 
 
 def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
