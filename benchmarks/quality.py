@@ -70,6 +70,40 @@ class Method:
     note: str = ""
 
 
+def condition_views(data: MultiViewData, mode: str, dims: int, seed: int = 0) -> MultiViewData:
+    """An experiment for issue 13 (not in the product yet): each view L2-normalised, centred on the mean of the
+    items that have it ("center"), and PCA-whitened to ``dims`` dimensions ("whiten", fitted on at most 20,000
+    of them); rows of a missing view stay zeros. The algorithms then prepare their inputs as usual."""
+    from dataclasses import replace
+
+    from sklearn.decomposition import PCA
+
+    from raymmc.cluster.views import l2_normalize
+
+    if mode == "none":
+        return data
+    out = {}
+    for view, has in (("image", data.has_image), ("text", data.has_text)):
+        x = getattr(data, view)
+        if x is None:
+            continue
+        has = np.asarray(has, bool)
+        x = l2_normalize(np.asarray(x, np.float32))
+        present = x[has]
+        present = present - present.mean(0)
+        if mode == "whiten":
+            rng = np.random.default_rng(seed)
+            fit_rows = present[rng.permutation(len(present))[:20000]]
+            pca = PCA(n_components=min(dims, *fit_rows.shape), whiten=True, random_state=seed).fit(fit_rows)
+            present = pca.transform(present)
+        elif mode != "center":
+            raise ValueError(f"unknown conditioning {mode!r}")
+        full = np.zeros((len(x), present.shape[1]), np.float32)
+        full[has] = present
+        out[view] = full
+    return replace(data, **out)
+
+
 def deep_update(base: dict, extra: dict) -> dict:
     out = json.loads(json.dumps(base))
     for k, v in extra.items():
@@ -160,11 +194,12 @@ def summarize(method: Method, seeds: list[int], scores: list, seconds: list) -> 
 def _worker_task(task: tuple) -> tuple[str, int, list, float]:
     """One (method, seed) fit in a worker process (the methods are rebuilt there: their
     protocols are closures)."""
-    features, cfgs, name, k, seed, threads = task
+    features, cfgs, name, k, seed, threads, condition = task
     import torch
 
     torch.set_num_threads(threads)
     data, labels = load_any(features)
+    data = condition_views(data, *condition)
     method = {m.name: m for m in build_methods(*cfgs)}[name]
     score, sec = fit_score(method, data, labels, k, seed)
     return name, seed, score, sec
@@ -208,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per fit (0 = torch's default in-process, 1 in --jobs workers)")
     ap.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes (one per (method, seed))")
+    ap.add_argument("--condition", choices=["none", "center", "whiten"], default="none",
+                    help="per-view conditioning before every method (an experiment, issue 13)")
+    ap.add_argument("--pca-dims", type=int, default=128, help="dimensions kept by --condition whiten")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -216,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     data, labels = load_any(args.features)
+    data = condition_views(data, args.condition, args.pca_dims)
     if labels is None:
         ap.error(f"{args.features} has no 'labels' array")
     k = args.k or len(np.unique(labels))
@@ -239,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         cfgs = (json.loads(args.jecl_config), json.loads(args.dec_config), json.loads(args.dm2c_config))
-        tasks = [(args.features, cfgs, m.name, k, s, args.threads or 1) for m in selected for s in seeds]
+        tasks = [(args.features, cfgs, m.name, k, s, args.threads or 1, (args.condition, args.pca_dims))
+                 for m in selected for s in seeds]
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
             for name, seed, score, sec in pool.map(_worker_task, tasks):
                 results[name][seed] = (score, sec)
@@ -255,11 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [summarize(m, seeds, [results[m.name][s][0] for s in seeds], [results[m.name][s][1] for s in seeds])
             for m in selected]
     title = (f"{Path(args.features).name}: {len(labels)} items, k = {k}, {args.seeds} seeds (mean ± std), "
-             f"captioned {int(data.has_text.sum())}")
+             f"captioned {int(data.has_text.sum())}, conditioning {args.condition}")
     print(format_table(rows, title))
     if args.json:
         Path(args.json).write_text(json.dumps({"features": args.features, "k": k, "rows": rows,
-                                               "jecl_config": json.loads(args.jecl_config)}, indent=1))
+                                               "jecl_config": json.loads(args.jecl_config),
+                                               "condition": args.condition, "pca_dims": args.pca_dims}, indent=1))
     return 0
 
 

@@ -70,8 +70,8 @@ def test_jecl_one_and_two_workers_agree(archive, tmp_path, feature_cache, ray_se
     from raymmc.pipeline import load_run_features
 
     # a shorter schedule than the docs' (30 epochs, 600 steps): in float64 the two fits are equal at any length
-    schedule = ["--set", "cluster.params.jecl.image_ae.epochs=15", "--set", "cluster.params.jecl.text_ae.epochs=15",
-                "--set", "cluster.params.jecl.cluster.max_iter=300", "--set", "cluster.params.jecl.precision=float64"]
+    schedule = ["--set", "cluster.params.jecl.image_ae.epochs=8", "--set", "cluster.params.jecl.text_ae.epochs=8",
+                "--set", "cluster.params.jecl.cluster.max_iter=150", "--set", "cluster.params.jecl.precision=float64"]
     one = _run(archive, tmp_path, feature_cache, "jecl-w1", "jecl", 1, schedule)
     two = _run(archive, tmp_path, feature_cache, "jecl-w2", "jecl", 2, schedule)
     assert _nmi(one, two) >= 0.98
