@@ -326,3 +326,14 @@ def test_jecl_text_terms_normalised_by_captioned_count():
     full = torch.ones(8, dtype=torch.bool)
     assert torch.allclose(jecl_loss(p, q, r, hi, full, .1, .1)["loss"],
                           jecl_loss(p, q, r, hi, full, .1, .1, text_loss_norm="captioned")["loss"])
+
+
+def test_joint_target_missing_view_is_the_other_views_full_target_whatever_lam():
+    q = torch.tensor([[0.7, 0.3]], dtype=torch.float64)
+    r = torch.tensor([[0.2, 0.8]], dtype=torch.float64)
+    f = g = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for lam in (0.0, 0.3, 1.0):
+        p = joint_target(q, r, f, g, lam=lam, has_text=torch.tensor([False]))
+        assert torch.allclose(p, target_distribution(q, f))
+        p = joint_target(q, r, f, g, lam=lam, has_image=torch.tensor([False]))
+        assert torch.allclose(p, target_distribution(r, g))

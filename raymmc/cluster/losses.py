@@ -87,15 +87,17 @@ def joint_target(q: torch.Tensor, r: torch.Tensor, f: torch.Tensor, g: torch.Ten
         b = b / torch.clamp(b.sum(dim=1, keepdim=True), min=EPS)
     elif mix != "joint":
         raise ValueError(f"unknown joint-target mix {mix!r} (joint or per_view)")
-    wa, wb = lam * a, (1.0 - lam) * b
-    w = wa + wb
-    if has_text is not None:  # the missing view's term is 0
-        w = torch.where(has_text.bool()[:, None], w, wa)
+    w = lam * a + (1.0 - lam) * b
+    # A row without one view: "per_view" drops that view's term (the row sums to lam or 1-lam);
+    # "joint" keeps the other view's term alone, renormalised below (whatever lam, 0 and 1 included).
+    only_a, only_b = (lam * a, (1.0 - lam) * b) if mix == "per_view" else (a, b)
+    if has_text is not None:
+        w = torch.where(has_text.bool()[:, None], w, only_a)
     if has_image is not None:
-        w = torch.where(has_image.bool()[:, None], w, wb)
+        w = torch.where(has_image.bool()[:, None], w, only_b)
     if mix == "per_view":
         return w
-    return w / torch.clamp(w.sum(dim=1, keepdim=True), min=EPS)  # "joint": missing view -> the other's full target
+    return w / torch.clamp(w.sum(dim=1, keepdim=True), min=EPS)
 
 
 def kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
