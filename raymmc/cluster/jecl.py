@@ -104,9 +104,9 @@ def jecl_loss(p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, has_image: torc
     n = max(q.shape[0], 1)
     text_scale = weight
     if text_loss_norm == "captioned":  # the global batch's captioned share; the collective runs on every worker
-        counts = ops.all_reduce_sum(torch.stack([ht.sum().detach(), ht.new_tensor(float(q.shape[0]))]))
-        text_scale = weight / max(float(counts[0] / torch.clamp(counts[1], min=1.0)), 1e-12) \
-            if float(counts[0]) > 0 else weight
+        captioned, rows = ops.all_reduce_sum(torch.stack([ht.sum(), ht.new_tensor(float(q.shape[0]))])).tolist()
+        if captioned > 0:  # then rows >= captioned > 0
+            text_scale = weight * rows / captioned
     elif text_loss_norm != "batch":
         raise ValueError(f"unknown text_loss_norm {text_loss_norm!r} (batch or captioned)")
     terms = {"kl_image": kl_div(p, q, hi) * weight, "kl_text": kl_div(p, r, ht) * text_scale}
