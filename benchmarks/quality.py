@@ -219,8 +219,9 @@ def format_table(rows: list[dict], title: str) -> str:
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(r["mean"], r["std"])]
         note = r["note"]
         if not np.isnan(r["nmi_captioned"]).all():
-            note += (f"; NMI of items that kept their caption {np.mean(r['nmi_captioned']):.3f}, "
-                     f"that lost it {np.mean(r['nmi_removed']):.3f}")
+            kept, lost = np.asarray(r["nmi_captioned"]), np.asarray(r["nmi_removed"])
+            note += (f"; NMI of items that kept their caption {kept.mean():.3f} ± {kept.std():.3f}, "
+                     f"that lost it {lost.mean():.3f} ± {lost.std():.3f}")
         out.append(f"| {r['name']} | {' | '.join(cells)} | {r['seconds']:.1f} | {note} |")
     return "\n".join(out)
 
