@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     nmi = np.array([r["nmi"] for r in rows])
     print(f"\n{args.features}: {len(rows)} {args.algorithm} trials, NMI {nmi.min():.3f}..{nmi.max():.3f}")
-    for name in ("silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "stability"):
+    for name in ("silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "agreed_silhouette",
+                 "stability"):
         vals = np.array([r.get(name, np.nan) for r in rows], dtype=float)
         if np.isfinite(vals).sum() >= 3:
             ok = np.isfinite(vals)

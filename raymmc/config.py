@@ -192,6 +192,8 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.tune
     if t.trials < 1 or t.max_concurrent < 1 or t.max_items < 2 or t.score_rows < 3:
         raise ConfigError("tune: need trials >= 1, max_concurrent >= 1, max_items >= 2, score_rows >= 3")
+    if not 0.0 <= t.agreement_floor <= 1.0:
+        raise ConfigError(f"tune.agreement_floor is an NMI: between 0 and 1, not {t.agreement_floor}")
     if t.report_steps < 1 or t.grace_steps < 1 or t.reduction_factor < 2:
         raise ConfigError("tune: need report_steps >= 1, grace_steps >= 1, reduction_factor >= 2")
     if t.cpus_per_trial < 0 or t.gpus_per_trial < 0:

@@ -26,8 +26,8 @@ from raymmc.config import ConfigError, RunConfig
 from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
 
-SCORE_COLUMNS = ("score", "silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "stability", "nmi",
-                 "acc", "ari")
+SCORE_COLUMNS = ("score", "silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "agreed_silhouette",
+                 "stability", "nmi", "acc", "ari")
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
@@ -167,7 +167,7 @@ def tune(cfg: RunConfig, clusters: str | int | None = None, log: Callable[[str],
     setup = TrialSetup(algorithm=algorithm, clusters=(lo, hi), base_params=base_params(cfg), space=specs,
                        score=score_name, seed=cfg.seed, pixel_channels=cfg.extract.pixels.channels,
                        n_total=prep.usable, score_rows=settings.score_rows, report_steps=settings.report_steps,
-                       threads=max(1, int(settings.cpus_per_trial)))
+                       threads=max(1, int(settings.cpus_per_trial)), agreement_floor=settings.agreement_floor)
     with timer("sample"):
         refs = sample_refs(prep.dataset, prep.usable, settings, cfg.seed)
     log(f"tune: {settings.trials} {algorithm} trial(s), K {lo}..{hi}, score {score_name}, "

@@ -7,7 +7,7 @@ import pytest
 
 from raymmc.cluster.base import MultiViewData
 from raymmc.cluster.registry import make_clusterer, make_config
-from raymmc.cluster.selection import agreement, input_space, label_free_scores, silhouette
+from raymmc.cluster.selection import agreed_silhouette, agreement, input_space, label_free_scores, silhouette
 from raymmc.config import ConfigError, load_config
 from raymmc.report.sweep import spearman
 from raymmc.sweep import choose_best, with_point
@@ -97,11 +97,24 @@ def test_jecl_scores_have_agreement_and_its_product():
                                        "cluster": {"max_iter": 60}}, seed=0).fit(data)
     s = label_free_scores(model, data, model.labels_)
     assert 0 <= s["agreement"] <= 1 and s["silhouette_agreement"] == pytest.approx(s["silhouette"] * s["agreement"])
+    gate = s["silhouette"] if s["agreement"] >= 0.5 else s["silhouette"] - 2
+    assert s["agreed_silhouette"] == pytest.approx(gate)
     dec = make_clusterer("dec", 4, {"ae": {"epochs": 2}, "cluster": {"max_iter": 10}}, seed=0).fit(data)
     assert "agreement" not in label_free_scores(dec, data, dec.labels_)
-    assert resolve_score(load_config().tune, "jecl") == "silhouette_agreement"
+    assert resolve_score(load_config().tune, "jecl") == "agreed_silhouette"
     with pytest.raises(ConfigError):
         resolve_score(load_config(None, ["tune.score=agreement"]).tune, "dec")
+
+
+def test_agreement_is_a_gate_not_a_factor():
+    # views that agree rank by silhouette alone, above every clustering whose views do not agree
+    assert agreed_silhouette(0.05, 0.6) == 0.05 and agreed_silhouette(0.05, 0.99) == 0.05
+    assert agreed_silhouette(0.30, 0.2) == pytest.approx(-1.70)
+    assert agreed_silhouette(0.30, 0.2) < agreed_silhouette(-0.9, 0.5)
+    assert agreed_silhouette(0.30, 0.2, floor=0.1) == 0.30
+    assert np.isnan(agreed_silhouette(float("nan"), 0.9)) and np.isnan(agreed_silhouette(0.1, float("nan")))
+    with pytest.raises(ConfigError, match="agreement_floor"):
+        load_config(None, ["tune.agreement_floor=1.5"])
 
 
 def test_score_sample_is_keyed_bounded_and_order_free():

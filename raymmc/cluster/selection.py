@@ -11,7 +11,12 @@ algorithm learns and in the number of clusters, because it is computed in a spac
   caption branch give the items that have both; two views that were never told each other's clusters
   agreeing is evidence that the clusters are in the data, not in one encoder;
 * ``silhouette_agreement``: their product, for a two-view model: compact in the input space *and* agreed on
-  by both views (the default for JECL: it ranked trials best on the dev archives, docs/tune.md);
+  by both views;
+* ``agreed_silhouette``: for a two-view model, agreement as a gate rather than a factor: a clustering whose two
+  views agree (``agreement >= floor``) is scored by its silhouette, one whose views do not by its silhouette
+  - 2, below every agreeing one (silhouette is in [-1, 1]). Beyond the floor, more agreement is not better:
+  two branches can agree readily on poor clusters (a small latent, a target dominated by one view). The
+  default for JECL (docs/tune.md);
 * ``stability``: the NMI between two fits that differ only in their seed (the caller fits twice).
 
 Which one a sweep maximises is ``tune.score``; docs/tune.md says which was chosen and why, with the
@@ -27,7 +32,8 @@ import numpy as np
 from raymmc.cluster.base import MultiViewData
 from raymmc.cluster.views import view_matrix
 
-SCORES = ("silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "stability")
+SCORES = ("silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "agreed_silhouette", "stability")
+AGREEMENT_FLOOR = 0.5  # the default of tune.agreement_floor
 
 
 def sample_rows(n: int, max_rows: int, seed: int) -> np.ndarray:
@@ -75,6 +81,14 @@ def agreement(image_labels: np.ndarray, text_labels: np.ndarray) -> float:
     return float(normalized_mutual_info_score(image_labels, text_labels))
 
 
+def agreed_silhouette(silhouette: float, agreement: float, floor: float = AGREEMENT_FLOOR) -> float:
+    """``silhouette`` when the views agree (``agreement >= floor``), else ``silhouette - 2`` (below every
+    agreeing clustering); NaN when either is undefined."""
+    if not (np.isfinite(silhouette) and np.isfinite(agreement)):
+        return float("nan")
+    return float(silhouette if agreement >= floor else silhouette - 2.0)
+
+
 def view_labels(model: Any, data: MultiViewData) -> tuple[np.ndarray, np.ndarray] | None:
     """``(image clusters, caption clusters)`` of the items with both views, from a model with per-view soft
     assignments (``view_assignments``: JECL); None for a one-view model."""
@@ -88,9 +102,9 @@ def view_labels(model: Any, data: MultiViewData) -> tuple[np.ndarray, np.ndarray
 
 
 def label_free_scores(model: Any, data: MultiViewData, labels: np.ndarray, *, max_rows: int = 5000,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, agreement_floor: float = AGREEMENT_FLOOR) -> dict[str, float]:
     """Every single-fit score of a fitted ``model`` whose clusters of ``data`` are ``labels`` (items a model does
-    not assign carry -1 and are left out). ``agreement`` only for a two-view model."""
+    not assign carry -1 and are left out). ``agreement`` and the scores built on it only for a two-view model."""
     labels = np.asarray(labels)
     keep = np.flatnonzero(labels >= 0)
     rows = keep[sample_rows(len(keep), max_rows, seed)]
@@ -102,4 +116,5 @@ def label_free_scores(model: Any, data: MultiViewData, labels: np.ndarray, *, ma
     if views is not None:
         out["agreement"] = agreement(*views)
         out["silhouette_agreement"] = out["silhouette"] * out["agreement"]
+        out["agreed_silhouette"] = agreed_silhouette(out["silhouette"], out["agreement"], agreement_floor)
     return out

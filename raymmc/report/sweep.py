@@ -62,7 +62,7 @@ def write_sweep_report(rundir: RunDir, rows: Sequence[dict[str, Any]], best: dic
 
     png = score_plot_png(rows, best["score_name"] if best else "score", best["trial_id"] if best else None)
     cols = ["trial_id", *searched, "clusters", "score", "silhouette", "calinski_harabasz", "agreement",
-            "silhouette_agreement", "stability", "nmi", "acc", "ari", "step", "completed", "error"]
+            "silhouette_agreement", "agreed_silhouette", "stability", "nmi", "acc", "ari", "step", "completed", "error"]
     cols = [c for c in cols if any(c in r and r[c] not in (None, "") for r in rows)]
 
     def cell(v: Any) -> str:

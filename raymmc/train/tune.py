@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from raymmc.cluster.base import MultiViewData
+from raymmc.cluster.selection import AGREEMENT_FLOOR
 from raymmc.hashing import keep_fraction, keyed_priority, under
 
 SELF_TRAINING = frozenset({"dec", "jecl"})  # report a score at their target updates
@@ -27,11 +28,13 @@ class TuneSettings:
     """``tune.*``: how `raymmc tune` searches."""
 
     trials: int = 12  # --trials
-    # What the sweep maximises (raymmc.cluster.selection). "auto": silhouette_agreement for JECL (the input-space
-    # silhouette times its two views' agreement), silhouette otherwise; chosen on two dev archives and checked on
-    # a third (docs/tune.md, benchmarks/tune_scores.py).
+    # What the sweep maximises (raymmc.cluster.selection). "auto": agreed_silhouette for JECL (the input-space
+    # silhouette of the trials whose two views agree on the clusters), silhouette otherwise; chosen on dev
+    # archives (docs/tune.md, benchmarks/tune_scores.py).
     score: Literal["auto", "silhouette", "calinski_harabasz", "agreement", "silhouette_agreement",
-                   "stability"] = "auto"
+                   "agreed_silhouette", "stability"] = "auto"
+    # agreed_silhouette: the cross-view agreement (NMI) from which a trial's two views count as agreeing
+    agreement_floor: float = AGREEMENT_FLOOR
     search: Literal["optuna", "random"] = "optuna"  # Optuna's TPE, or its random sampler
     scheduler: Literal["asha", "none"] = "asha"
     report_steps: int = 100  # DEC/JECL: a score at the first target update after every this many steps
@@ -52,14 +55,14 @@ class TuneSettings:
 
 
 def default_score(algorithm: str) -> str:
-    return "silhouette_agreement" if algorithm == "jecl" else "silhouette"
+    return "agreed_silhouette" if algorithm == "jecl" else "silhouette"
 
 
 def resolve_score(settings: TuneSettings, algorithm: str) -> str:
     from raymmc.typed import ConfigError
 
     score = default_score(algorithm) if settings.score == "auto" else settings.score
-    if score in ("agreement", "silhouette_agreement") and algorithm != "jecl":
+    if score in ("agreement", "silhouette_agreement", "agreed_silhouette") and algorithm != "jecl":
         raise ConfigError(f"tune.score=agreement needs a two-view model (jecl), not {algorithm}")
     return score
 
@@ -106,6 +109,7 @@ class TrialSetup:
     score_rows: int
     report_steps: int
     threads: int
+    agreement_floor: float = AGREEMENT_FLOOR
 
 
 def trial_data(refs: list, channels: int) -> tuple[MultiViewData, np.ndarray | None]:
@@ -141,7 +145,8 @@ class Scorer:
 
         with torch.no_grad():
             pred = self.predict(model)  # as the run's assignments are: the fitted model's prediction
-            out = label_free_scores(model, self.data, pred, max_rows=self.setup.score_rows, seed=self.setup.seed)
+            out = label_free_scores(model, self.data, pred, max_rows=self.setup.score_rows, seed=self.setup.seed,
+                                    agreement_floor=self.setup.agreement_floor)
             if other is not None:  # a second fit with another seed
                 theirs = self.predict(other)
                 keep = (pred >= 0) & (theirs >= 0)
