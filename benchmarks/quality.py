@@ -129,6 +129,15 @@ def build_methods(jecl_cfg: dict, dec_cfg: dict, dm2c_cfg: dict) -> list[Method]
                missing(0.5), "50% captions removed"),
         Method("dm2c-mixed", "Mixed-modal (one view per item)", "dm2c", dm2c_cfg,
                lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
+        Method("dm2c-mixed-mean", "Mixed-modal (one view per item)", "dm2c",
+               deep_update(dm2c_cfg, {"loss_reduction": "mean"}), lambda d, s: mixed_modal(d, seed=s),
+               "element-mean reconstruction and cycle losses (the public code's)"),
+        Method("dm2c-mixed-auto", "Mixed-modal (one view per item)", "dm2c",
+               deep_update(dm2c_cfg, {"target_modality": "auto"}), lambda d, s: mixed_modal(d, seed=s),
+               "target space chosen by the label-free rule (higher latent silhouette)"),
+        Method("dm2c-mixed-text", "Mixed-modal (one view per item)", "dm2c",
+               deep_update(dm2c_cfg, {"target_modality": "text"}), lambda d, s: mixed_modal(d, seed=s),
+               "images mapped into the text space"),
         Method("kmeans-concat-mixed", "Mixed-modal (one view per item)", "kmeans", {"view": "concat"},
                lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
         Method("jecl", "JECL", "jecl", jecl_cfg),
@@ -151,6 +160,11 @@ def build_methods(jecl_cfg: dict, dec_cfg: dict, dm2c_cfg: dict) -> list[Method]
         pct = int(frac * 100)
         m.append(Method(f"jecl-missing{pct}", "JECL, missing captions", "jecl", jecl_cfg, missing(frac),
                         f"{pct}% captions removed"))
+    input_init = deep_update(jecl_cfg, {"init_mode": "input"})
+    m.append(Method("jecl-inputinit", "JECL", "jecl", input_init,
+                    note="self-training from the concatenated input k-means partition"))
+    m.append(Method("jecl-inputinit-missing50", "JECL, missing captions", "jecl", input_init, missing(0.5),
+                    "50% captions removed; from the concatenated input k-means partition"))
     paper_target = deep_update(jecl_cfg, {"target": "per_view", "text_loss_norm": "captioned"})
     m.append(Method("jecl-papertarget", "JECL, missing captions", "jecl", paper_target,
                     note="paper's joint target, text terms per captioned item"))

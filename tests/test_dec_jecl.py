@@ -150,6 +150,23 @@ def test_jecl_joint_init(synth):
     assert nmi(y, m.predict(data)) > 0.8
 
 
+def test_jecl_input_init_starts_from_concatenated_kmeans(synth):
+    data, y = synth
+    half = drop_captions(data, 0.5, seed=0)
+    m = JECL(K, {**SMALL, "init_mode": "input"}, seed=0).fit(half)
+    assert nmi(y, m.predict(half)) > 0.8
+    # mu / nu: per cluster, the mean latent over its rows that have that view (a caption-less row adds nothing
+    # to nu); a cluster without any such row (here 3 of K = 4) gets zeros
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    z = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    v = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    hi = torch.tensor([True, True, True, False, True])
+    ht = torch.tensor([True, False, True, True, False])
+    mu, nu = m._view_means(labels, z, v, hi, ht, GlobalOps())
+    assert torch.allclose(mu, torch.tensor([[1.0, 2.0], [4.0, 5.0], [8.0, 9.0], [0.0, 0.0]]))
+    assert torch.allclose(nu, torch.tensor([[0.0, 1.0, 2.0], [7.5, 8.5, 9.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
 def test_jecl_loss_terms_and_switches():
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(6, 3), 1)

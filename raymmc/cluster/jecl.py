@@ -62,7 +62,11 @@ class JECLConfig(SelfTrainingModelConfig):
     # (items with a caption) separately, then Hungarian matching.  "joint" (ours): one k-means on
     # [z, v] of the items that have both views (each block scaled to unit mean norm), and mu / nu
     # = the per-cluster means of z / v -- aligned by construction, so no matching is needed.
-    init_mode: Literal["per_view", "joint"] = "per_view"
+    # "input" (ours): one k-means on the *input* features of every item (each view prepared as the
+    # autoencoders see it, a missing view zeros, side by side: the concatenated k-means baseline's
+    # partition), and mu / nu = the per-cluster means of z over the items with an image and of v over
+    # those with a caption -- self-training starts from the baseline's clusters.
+    init_mode: Literal["per_view", "joint", "input"] = "per_view"
     # --- our choices -----------------------------------------------------------------------
     # f and g of the joint target as fractions (column sums / #items with that view) rather than
     # raw sums: equal for complete data; with missing captions it keeps lam the real weight of
@@ -198,6 +202,12 @@ class JECL(SelfTrainingClusterer):
         self.perm_, self.init_agreement_ = np.arange(k), None
         if c.init_mode == "joint":
             mu, nu = self._joint_init(z, v, hi, ht, rows["key"], ops)
+        elif c.init_mode == "input":
+            usable = hi | ht
+            space = torch.cat([rows["x"][usable], rows["t"][usable]], dim=1).to(z.dtype)
+            cent = self._init_kmeans(space, rows["key"][usable], ops)
+            mu, nu = self._view_means(torch.cdist(space, cent).argmin(1), z[usable], v[usable], hi[usable],
+                                      ht[usable], ops)
         elif c.init_mode == "per_view":
             mu, nu = self._init_kmeans(z[hi], rows["key"][hi], ops, 0), \
                 self._init_kmeans(v[ht], rows["key"][ht], ops, 1)
@@ -218,7 +228,6 @@ class JECL(SelfTrainingClusterer):
     def _joint_init(self, z, v, hi, ht, key, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
         """k-means on [z, v] (items with both views; each block scaled by its global mean norm),
         centroids split back into mu (image) and nu (text) as per-cluster means of z and v."""
-        k = self.n_clusters
         both = hi & ht
         zb, vb = z[both], v[both]
         norms = ops.all_reduce_sum(torch.tensor([zb.norm(dim=1).sum().item(), vb.norm(dim=1).sum().item(),
@@ -227,12 +236,20 @@ class JECL(SelfTrainingClusterer):
         sv = float(norms[1] / max(float(norms[2]), 1.0)) or 1.0
         joint = torch.cat([zb / sz, vb / sv], dim=1)
         cent = self._init_kmeans(joint, key[both], ops)
-        onehot = torch.nn.functional.one_hot(torch.cdist(joint, cent).argmin(1), k).double()
-        sums = ops.all_reduce_sum(torch.cat([onehot.T @ zb.double(), onehot.T @ vb.double(),
-                                             onehot.sum(0)[:, None]], dim=1))
-        dz = zb.shape[1]
-        cnt = torch.clamp(sums[:, -1:], min=1.0)
-        return (sums[:, :dz] / cnt).float(), (sums[:, dz:-1] / cnt).float()
+        ones = torch.ones(len(zb), dtype=torch.bool)
+        return self._view_means(torch.cdist(joint, cent).argmin(1), zb, vb, ones, ones, ops)
+
+    def _view_means(self, labels: torch.Tensor, z: torch.Tensor, v: torch.Tensor, hi: torch.Tensor,
+                    ht: torch.Tensor, ops: GlobalOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu / nu: per cluster of ``labels``, the global mean of z over its rows with an image and of v over its
+        rows with a caption (a cluster without such rows: zeros)."""
+        onehot = torch.nn.functional.one_hot(labels, self.n_clusters).double()
+        oi, ot = onehot * hi.double()[:, None], onehot * ht.double()[:, None]
+        dz, dv = z.shape[1], v.shape[1]
+        sums = ops.all_reduce_sum(torch.cat([oi.T @ z.double(), ot.T @ v.double(), oi.sum(0)[:, None],
+                                             ot.sum(0)[:, None]], dim=1))
+        ci, ct = torch.clamp(sums[:, -2:-1], min=1.0), torch.clamp(sums[:, -1:], min=1.0)
+        return (sums[:, :dz] / ci).float(), (sums[:, dz:dz + dv] / ct).float()
 
     def _empty_net(self, dims: list[int]) -> torch.nn.Module:
         c, k = self.config, self.n_clusters
