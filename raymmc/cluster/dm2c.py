@@ -21,6 +21,12 @@ Losses (per modality, means over the batch; norms over feature dimensions as in 
 * critic step maximises ``E D_i(z_i) - E D_i(G_ti(z_t))`` and ``E D_t(z_t) - E D_t(G_it(z_i))``
   (lr ``lr_d``), then clips every critic weight to ``[-clip, clip]``.
 
+Alignment (``alignment``): ``"wgan"`` (the paper) as above; ``"sinkhorn"`` (ours, critic-free) replaces the
+critics by the debiased Sinkhorn divergence between each batch of mapped latents and a batch of real latents
+of the target modality (``sinkhorn_divergence``; entropic OT with blur ``sinkhorn_blur`` relative to the
+batch's mean squared distance): a distance a mapping can follow from the first step, with no critic to
+balance, no clipping and no ``n_critic``. ``lambda_adv`` weighs it as it weighs the adversarial term.
+
 Schedules (``critic_schedule``): ``"paper"`` = Algorithm 1 / WGAN: ``n_critic`` critic steps (fresh
 batches each) before every generator step; ``"public_code"`` = the authors' released code: one critic
 step after every ``public_code_gen_per_critic`` (5) generator steps, on that generator step's batch.
@@ -88,6 +94,11 @@ class DM2CConfig:
     lambda_recon: float = 2.0
     lambda_adv: float = 1.0
     clip: float = 0.05
+    # "wgan": the paper's critics; "sinkhorn": critic-free, the debiased Sinkhorn divergence between mapped and
+    # real latents (see the module docstring); the critics are then kept (same state shapes) but never trained
+    alignment: Literal["wgan", "sinkhorn"] = "wgan"
+    sinkhorn_blur: float = 0.05  # entropic regularisation, as a fraction of the batch's mean squared distance
+    sinkhorn_iters: int = 50  # Sinkhorn iterations per divergence (log domain)
     critic_schedule: Literal["paper", "public_code"] = "paper"
     n_critic: int = 5  # "paper": critic steps per generator step
     public_code_gen_per_critic: int = 5  # "public_code": generator steps per critic step
@@ -120,6 +131,10 @@ class DM2CConfig:
     def __post_init__(self) -> None:
         if self.critic_schedule not in ("paper", "public_code"):
             raise ValueError(f"critic_schedule must be 'paper' or 'public_code', got {self.critic_schedule!r}")
+        if self.alignment not in ("wgan", "sinkhorn"):
+            raise ValueError(f"alignment must be 'wgan' or 'sinkhorn', got {self.alignment!r}")
+        if self.sinkhorn_blur <= 0 or self.sinkhorn_iters < 1:
+            raise ValueError("sinkhorn_blur must be > 0 and sinkhorn_iters >= 1")
         if self.target_modality not in ("image", "text", "auto"):
             raise ValueError(f"target_modality must be image|text|auto, got {self.target_modality!r}")
         if self.embed_norm not in ("l2", "none"):
@@ -181,6 +196,35 @@ def cycle_loss(z: torch.Tensor, z_cyc: torch.Tensor, reduction: str = "sum") -> 
     return e.sum(dim=1).mean() if reduction == "sum" else e.mean()
 
 
+def _entropic_ot(x: torch.Tensor, y: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """Entropic OT between the uniform point clouds ``x`` and ``y`` (cost: squared Euclidean distance), as
+    the dual value ``mean(f) + mean(g)``. The potentials are iterated without a graph (log-domain Sinkhorn);
+    one last differentiable update of each from the other's fixed value gives the gradient with respect to
+    the points (exact at convergence, by the envelope theorem), at the memory of a single step."""
+    cost = torch.cdist(x, y).pow(2)
+    log_a = torch.full((len(x),), -float(np.log(len(x))), dtype=x.dtype, device=x.device)
+    log_b = torch.full((len(y),), -float(np.log(len(y))), dtype=y.dtype, device=y.device)
+    f = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_b)
+    with torch.no_grad():
+        c = cost.detach()
+        for _ in range(iters):
+            f = -eps * torch.logsumexp((g[None, :] - c) / eps + log_b[None, :], dim=1)
+            g = -eps * torch.logsumexp((f[:, None] - c) / eps + log_a[:, None], dim=0)
+    f = -eps * torch.logsumexp((g[None, :] - cost) / eps + log_b[None, :], dim=1)
+    g = -eps * torch.logsumexp((f.detach()[:, None] - cost) / eps + log_a[:, None], dim=0)
+    return f.mean() + g.mean()
+
+
+def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, iters: int = 50) -> torch.Tensor:
+    """Debiased Sinkhorn divergence ``OT(x, y) - (OT(x, x) + OT(y, y)) / 2`` (Feydy et al. 2019): zero when the
+    two clouds are the same, positive and growing with their distance otherwise. The regularisation is
+    ``blur`` times the mean squared distance between ``x`` and ``y`` (fixed for the three terms, so that the
+    scale of the latents does not change how sharp the transport is)."""
+    eps = float(blur * torch.cdist(x.detach(), y.detach()).pow(2).mean().clamp_min(1e-12))
+    return _entropic_ot(x, y, eps, iters) - 0.5 * (_entropic_ot(x, x, eps, iters) + _entropic_ot(y, y, eps, iters))
+
+
 def generator_losses(ae_i: nn.Module, ae_t: nn.Module, g_it: nn.Module, g_ti: nn.Module, d_i: nn.Module,
                      d_t: nn.Module, x_i: torch.Tensor, x_t: torch.Tensor, cfg: DM2CConfig
                      ) -> dict[str, torch.Tensor]:
@@ -197,7 +241,11 @@ def generator_losses(ae_i: nn.Module, ae_t: nn.Module, g_it: nn.Module, g_ti: nn
     fake_t = g_it(zi_in)  # image latents mapped into the text space
     fake_i = g_ti(zt_in)  # text latents mapped into the image space
     cyc = cycle_loss(zi_in, g_ti(fake_t), red) + cycle_loss(zt_in, g_it(fake_i), red)
-    adv = -d_i(fake_i).mean() - d_t(fake_t).mean()
+    if cfg.alignment == "sinkhorn":  # the mapped latents move towards the real ones, not the reverse
+        sk = partial(sinkhorn_divergence, blur=cfg.sinkhorn_blur, iters=cfg.sinkhorn_iters)
+        adv = sk(fake_i, z_i.detach()) + sk(fake_t, z_t.detach())
+    else:
+        adv = -d_i(fake_i).mean() - d_t(fake_t).mean()
     total = cfg.lambda_recon * rec + cfg.lambda_cycle * cyc + cfg.lambda_adv * adv
     return {"total": total, "recon": rec, "cycle": cyc, "adv": adv,
             "z_i": z_i.detach(), "z_t": z_t.detach(), "fake_i": fake_i.detach(), "fake_t": fake_t.detach()}
@@ -359,8 +407,9 @@ class DM2C(NearestCentroid, DeepClusterer):
         for ep in range(start, cfg.adv_epochs):
             sums = dict.fromkeys(("total", "recon", "cycle", "adv", "w_i", "w_t"), 0.0)
             n_crit = 0
+            critics = cfg.alignment == "wgan"
             for _ in range(steps):
-                for _ in range(cfg.n_critic if cfg.critic_schedule == "paper" else 0):
+                for _ in range(cfg.n_critic if critics and cfg.critic_schedule == "paper" else 0):
                     with torch.no_grad():
                         z_i, _ = net["ae_i"](batch["image"]())
                         z_t, _ = net["ae_t"](batch["text"]())
@@ -374,7 +423,8 @@ class DM2C(NearestCentroid, DeepClusterer):
                 self.counters_["gen_steps"] += 1
                 for k in ("total", "recon", "cycle", "adv"):
                     sums[k] += float(out[k].detach())
-                if cfg.critic_schedule == "public_code" and self.counters_["gen_steps"] % cfg.public_code_gen_per_critic == 0:
+                if critics and cfg.critic_schedule == "public_code" and \
+                        self.counters_["gen_steps"] % cfg.public_code_gen_per_critic == 0:
                     n_crit += self._critic_step(net, opts["d"], out["z_i"], out["z_t"], out["fake_i"], out["fake_t"], sums)
             rec = {"phase": "adversarial", "epoch": ep, **{k: sums[k] / steps for k in ("total", "recon", "cycle", "adv")},
                    **{k: (sums[k] / n_crit if n_crit else float("nan")) for k in ("w_i", "w_t")}, "critic_steps": n_crit}
