@@ -118,6 +118,11 @@ def build_methods(jecl_cfg: dict, dec_cfg: dict, dm2c_cfg: dict) -> list[Method]
     def missing(frac: float):
         return lambda d, s: drop_captions(d, frac, seed=s)
 
+    def dm2c_mixed(suffix: str, overrides: dict, note: str) -> Method:
+        """A DM2C variant on the mixed-modal protocol."""
+        return Method(f"dm2c-mixed-{suffix}", "Mixed-modal (one view per item)", "dm2c",
+                      deep_update(dm2c_cfg, overrides), lambda d, s: mixed_modal(d, seed=s), note)
+
     m = [
         Method("kmeans-image", "Single-view (image)", "kmeans", {"view": "image"}),
         Method("dec-image", "Single-view (image)", "dec", deep_update(dec_cfg, {"view": "image"})),
@@ -129,22 +134,14 @@ def build_methods(jecl_cfg: dict, dec_cfg: dict, dm2c_cfg: dict) -> list[Method]
                missing(0.5), "50% captions removed"),
         Method("dm2c-mixed", "Mixed-modal (one view per item)", "dm2c", dm2c_cfg,
                lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
-        Method("dm2c-mixed-mean", "Mixed-modal (one view per item)", "dm2c",
-               deep_update(dm2c_cfg, {"loss_reduction": "mean"}), lambda d, s: mixed_modal(d, seed=s),
-               "element-mean reconstruction and cycle losses (the public code's)"),
-        Method("dm2c-mixed-auto", "Mixed-modal (one view per item)", "dm2c",
-               deep_update(dm2c_cfg, {"target_modality": "auto"}), lambda d, s: mixed_modal(d, seed=s),
-               "target space chosen by the label-free rule (higher latent silhouette)"),
-        Method("dm2c-mixed-text", "Mixed-modal (one view per item)", "dm2c",
-               deep_update(dm2c_cfg, {"target_modality": "text"}), lambda d, s: mixed_modal(d, seed=s),
-               "images mapped into the text space"),
-        Method("dm2c-mixed-sinkhorn", "Mixed-modal (one view per item)", "dm2c",
-               deep_update(dm2c_cfg, {"alignment": "sinkhorn"}), lambda d, s: mixed_modal(d, seed=s),
-               "critic-free: Sinkhorn divergence instead of the WGAN critics"),
-        Method("dm2c-mixed-sinkhorn10", "Mixed-modal (one view per item)", "dm2c",
-               deep_update(dm2c_cfg, {"alignment": "sinkhorn", "lambda_adv": 10.0}),
-               lambda d, s: mixed_modal(d, seed=s),
-               "Sinkhorn divergence, weight 10"),
+        dm2c_mixed("mean", {"loss_reduction": "mean"},
+                   "element-mean reconstruction and cycle losses (the public code's)"),
+        dm2c_mixed("auto", {"target_modality": "auto"},
+                   "target space chosen by the label-free rule (higher latent silhouette)"),
+        dm2c_mixed("text", {"target_modality": "text"}, "images mapped into the text space"),
+        dm2c_mixed("sinkhorn", {"alignment": "sinkhorn"},
+                   "critic-free: Sinkhorn divergence instead of the WGAN critics"),
+        dm2c_mixed("sinkhorn10", {"alignment": "sinkhorn", "lambda_adv": 10.0}, "Sinkhorn divergence, weight 10"),
         Method("kmeans-concat-mixed", "Mixed-modal (one view per item)", "kmeans", {"view": "concat"},
                lambda d, s: mixed_modal(d, seed=s), "each item keeps image or text"),
         Method("jecl", "JECL", "jecl", jecl_cfg),

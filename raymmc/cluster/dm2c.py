@@ -196,14 +196,14 @@ def cycle_loss(z: torch.Tensor, z_cyc: torch.Tensor, reduction: str = "sum") -> 
     return e.sum(dim=1).mean() if reduction == "sum" else e.mean()
 
 
-def _entropic_ot(x: torch.Tensor, y: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
-    """Entropic OT between the uniform point clouds ``x`` and ``y`` (cost: squared Euclidean distance), as
-    the dual value ``mean(f) + mean(g)``. The potentials are iterated without a graph (log-domain Sinkhorn);
-    one last differentiable update of each from the other's fixed value gives the gradient with respect to
-    the points (exact at convergence, by the envelope theorem), at the memory of a single step."""
-    cost = torch.cdist(x, y).pow(2)
-    log_a = torch.full((len(x),), -float(np.log(len(x))), dtype=x.dtype, device=x.device)
-    log_b = torch.full((len(y),), -float(np.log(len(y))), dtype=y.dtype, device=y.device)
+def _entropic_ot(cost: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """Entropic OT between two uniform point clouds whose pairwise ``cost`` matrix is given, as the dual value
+    ``mean(f) + mean(g)``. The potentials are iterated without a graph (log-domain Sinkhorn); one last
+    differentiable update of each from the other's fixed value gives the gradient with respect to the cost
+    (exact at convergence, by the envelope theorem), at the memory of a single step."""
+    n, m = cost.shape
+    log_a = torch.full((n,), -float(np.log(n)), dtype=cost.dtype, device=cost.device)
+    log_b = torch.full((m,), -float(np.log(m)), dtype=cost.dtype, device=cost.device)
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
     with torch.no_grad():
@@ -221,8 +221,13 @@ def sinkhorn_divergence(x: torch.Tensor, y: torch.Tensor, blur: float = 0.05, it
     two clouds are the same, positive and growing with their distance otherwise. The regularisation is
     ``blur`` times the mean squared distance between ``x`` and ``y`` (fixed for the three terms, so that the
     scale of the latents does not change how sharp the transport is)."""
-    eps = float(blur * torch.cdist(x.detach(), y.detach()).pow(2).mean().clamp_min(1e-12))
-    return _entropic_ot(x, y, eps, iters) - 0.5 * (_entropic_ot(x, x, eps, iters) + _entropic_ot(y, y, eps, iters))
+    def cost(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(a, b).pow(2)
+
+    cxy = cost(x, y)
+    eps = float(blur * cxy.detach().mean().clamp_min(1e-12))
+    self_terms = _entropic_ot(cost(x, x), eps, iters) + _entropic_ot(cost(y, y), eps, iters)
+    return _entropic_ot(cxy, eps, iters) - 0.5 * self_terms
 
 
 def generator_losses(ae_i: nn.Module, ae_t: nn.Module, g_it: nn.Module, g_ti: nn.Module, d_i: nn.Module,
@@ -404,10 +409,10 @@ class DM2C(NearestCentroid, DeepClusterer):
         batch = {m: (lambda m=m: rows[m][torch.from_numpy(samplers[m].next()).to(rows[m].device)]) for m in MODALITIES}
         for v in net.values():
             v.train()
+        critics = cfg.alignment == "wgan"  # "sinkhorn" trains no critic
         for ep in range(start, cfg.adv_epochs):
             sums = dict.fromkeys(("total", "recon", "cycle", "adv", "w_i", "w_t"), 0.0)
             n_crit = 0
-            critics = cfg.alignment == "wgan"
             for _ in range(steps):
                 for _ in range(cfg.n_critic if critics and cfg.critic_schedule == "paper" else 0):
                     with torch.no_grad():

@@ -63,7 +63,7 @@ def resolve_score(settings: TuneSettings, algorithm: str) -> str:
 
     score = default_score(algorithm) if settings.score == "auto" else settings.score
     if score in ("agreement", "silhouette_agreement", "agreed_silhouette") and algorithm != "jecl":
-        raise ConfigError(f"tune.score=agreement needs a two-view model (jecl), not {algorithm}")
+        raise ConfigError(f"tune.score={score} needs a two-view model (jecl), not {algorithm}")
     return score
 
 
