@@ -8,6 +8,10 @@ the trial's score. Labels are only read for this table; the sweep never sees the
     python benchmarks/tune_sweeps.py --input tuxpaint=/path/shards/tuxpaint --input oxygen=/path/oxygen \\
         --clusters 11 --clusters 10 --output /tmp/sweeps --trials 12 [--set tune.max_concurrent=2 ...]
     python benchmarks/tune_sweeps.py --summarize /tmp/sweeps/tux-k11 /tmp/sweeps/oxy-k10
+    python benchmarks/tune_sweeps.py --summarize /tmp/sweeps/* --floors 0.3 0.4 0.5 0.6 0.7 0.8
+
+--floors re-scores each sweep's completed trials post hoc by ``agreed_silhouette`` at each agreement floor (from
+their ``silhouette`` and ``agreement`` columns) and prints the NMI of the trial each floor would choose.
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ def summarize(sweep: Path) -> dict:
     }
 
 
+def floor_picks(sweep: Path, floors: list[float]) -> list[float]:
+    """The NMI of the completed trial ``agreed_silhouette`` at each floor ranks first (post hoc)."""
+    import csv
+
+    from raymmc.cluster.selection import agreed_silhouette
+
+    rows = [r for r in csv.DictReader((sweep / "trials.csv").open())
+            if r["completed"] == "True" and r["nmi"] and r.get("agreement")]
+    return [float(max(rows, key=lambda r: agreed_silhouette(float(r["silhouette"]), float(r["agreement"]), f))["nmi"])
+            for f in floors]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summarize", nargs="*", help="sweep directories to read (no sweep is run)")
@@ -59,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algorithm", default="jecl")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--floors", nargs="*", type=float, default=[],
+                    help="also print the trial agreed_silhouette would choose at each agreement floor (post hoc)")
     args = ap.parse_args(argv)
     dirs = [Path(p) for p in args.summarize or []]
     for spec, k in zip(args.input, args.clusters):
@@ -80,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['spearman']:.3f} | {r['chosen_nmi']:.3f} ({r['rank']} of {r['of']}) | {r['best_nmi']:.3f} / "
               f"{r['median_nmi']:.3f} | {r['k']} / {r['classes']} | {repro} "
               f"| {r['seconds']:.0f} |")
+    if args.floors:
+        print("\n| sweep | " + " | ".join(f"chosen NMI at floor {f:g}" for f in args.floors) + " |")
+        print("|---|" + "---|" * len(args.floors))
+        for d in dirs:
+            print(f"| {d.name} | " + " | ".join(f"{v:.3f}" for v in floor_picks(d, args.floors)) + " |")
     return 0
 
 
