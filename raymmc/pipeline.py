@@ -215,7 +215,7 @@ def summary_limits(cfg: RunConfig):
                          map_points=sm.map_points if cfg.report else 0, seed=cfg.seed)
 
 
-def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model,
+def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, state: bytes,
                   cluster_ids: list[int] | None = None) -> tuple[dict, list[str], object]:
     """assignments/ (written by the prediction workers), and metrics.json (from the label x cluster counts)
     and clusters.parquet, both from the bounded summary the prediction batches carry; the driver never holds
@@ -235,11 +235,9 @@ def write_results(rundir: RunDir, cfg: RunConfig, prep: Prepared, model,
     spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
                      cfg.extract.pixels.channels)
     fs, path = storage.resolve(rundir.path("assignments"), cfg.storage)
-    from raymmc.io import safestate
-
     limits = summary_limits(cfg)
     storage.delete_dir(rundir.path("assignments"), cfg.storage)  # a resumed run writes them again
-    predicted = predict_and_write(prep.dataset, spec, safestate.dumps(model.state_dict()), path, filesystem=fs,
+    predicted = predict_and_write(prep.dataset, spec, state, path, filesystem=fs,
                                workers=cfg.cluster.train.workers, cpus_per_worker=cfg.cluster.train.cpus_per_worker,
                                batch_rows=cfg.cluster.train.read_batch_rows,
                                summarize=functools.partial(block_summary, limits=limits),
@@ -311,10 +309,18 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
 MODEL_FILE = "model/state.safetensors"
 
 
-def save_model(rundir: RunDir, model) -> None:
+def model_state(model) -> bytes:
+    """The model's weights as safetensors bytes: what is saved, and what the prediction workers load."""
     from raymmc.io import safestate
 
-    rundir.write_bytes(MODEL_FILE, safestate.dumps(model.state_dict()))
+    return safestate.dumps(model.state_dict())
+
+
+def save_model(rundir: RunDir, model) -> bytes:
+    """Write the model to the run directory; returns its serialised state (serialised once per run)."""
+    state = model_state(model)
+    rundir.write_bytes(MODEL_FILE, state)
+    return state
 
 
 def load_model(rundir: RunDir, cfg: RunConfig):
@@ -394,9 +400,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
                          f"see {rundir.path('rejects')}")
     with timer("cluster"):
         model, extra["train"] = fit_model(cfg, prep, rundir, name, log, resuming)
-    save_model(rundir, model)
+    state = save_model(rundir, model)
     with timer("predict"):
-        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, model)
+        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, state)
     extra["nodes"] = {"extract": prep.stats.nodes, "cluster": train_nodes(extra["train"]), "predict": predict_nodes}
     if cfg.report and summary is not None:
         with timer("report"):
@@ -472,7 +478,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):  # a re-clustered model writes its lineage's stable cluster ids
-        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model(source, cfg),
+        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, model_state(load_model(source, cfg)),
                                                   cluster_ids=(src_manifest.get("lineage") or {}).get("cluster_ids"))
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run,
                               nodes={"extract": prep.stats.nodes, "predict": predict_nodes})

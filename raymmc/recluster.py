@@ -23,7 +23,7 @@ import numpy as np
 from raymmc.cluster.assignment import stable_cluster_ids
 from raymmc.config import ConfigError, RunConfig, from_dict, validate, with_overrides
 from raymmc.features.text import FITTED
-from raymmc.io import safestate, storage
+from raymmc.io import storage
 from raymmc.io.rundir import RunDir, StageTimer, check_run_location
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import (MODEL_FILE, RunResult, fit_model, fitted_text_encoder, load_model, make_model,
@@ -61,7 +61,7 @@ def start_mode(cfg: RunConfig, previous: RunConfig, unchanged: bool, warm: bool)
         return "cold", "another algorithm or number of clusters than the previous run's"
     model = make_model(cfg)
     if not model.supports_warm_start:
-        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC, JECL and DM2C have)"
+        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC, JECL, DM2C and MMDC have)"
     if model.warm_start_signature() != make_model(previous).warm_start_signature():
         return "cold", "the model's architecture or input preparation changed (--set)"
     return "warm", "training starts from the previous run's model"
@@ -115,7 +115,7 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
         else:
             model, train = fit_model(cfg, prep, rundir, name, log,
                                      warm_start=source.read_bytes(MODEL_FILE) if mode == "warm" else None)
-    save_model(rundir, model)
+    state = save_model(rundir, model)
 
     with timer("match"):
         from raymmc.train.overlap import assignment_overlap, moved_examples, relabel
@@ -124,7 +124,7 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
         t = cfg.cluster.train
         spec = ModelSpec(cfg.cluster.algorithm, cfg.cluster.clusters, model_params(cfg), cfg.seed,
                          cfg.extract.pixels.channels)
-        current = predict_clusters(prep.dataset, spec, safestate.dumps(model.state_dict()), workers=t.workers,
+        current = predict_clusters(prep.dataset, spec, state, workers=t.workers,
                                    cpus_per_worker=t.cpus_per_worker, batch_rows=t.read_batch_rows)
         import ray
 
@@ -139,7 +139,7 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
         ids, next_id = stable_cluster_ids(overlap.submatrix(prev_ids, range(cfg.cluster.clusters)), prev_ids,
                                           next_id)
     with timer("predict"):
-        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, model, cluster_ids=ids.tolist())
+        metrics, predict_nodes, summary = write_results(rundir, cfg, prep, state, cluster_ids=ids.tolist())
     with timer("drift"):
         cur_sizes = {int(c): int(n) for c, n in metrics["cluster_sizes"].items()}
         # the overlap in stable ids (the model's clusters renamed; the outlier id -1 stays)

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import normalized_mutual_info_score
 
 from raymmc.cluster.backbones import CifarResNet18, SmallConvNet, build_backbone
 from raymmc.cluster.base import GlobalOps, MultiViewData
@@ -298,3 +299,38 @@ def test_two_workers_keep_one_consistent_target_table():
     initial = GaussianMixtureTargets(3, 3, 0.1, "one_hot", seed=4).sample(90)
     assert torch.equal(models[0].targets_, models[1].targets_)
     np.testing.assert_array_equal(sorted_rows(models[0].targets_), sorted_rows(initial))
+
+
+def test_warm_start_continues_the_previous_clustering(data):
+    d, _ = data
+    first = MMDC(3, tiny_config(epochs=2), seed=1).fit(d)
+    state = safestate.loads(safestate.dumps(first.state_dict()))  # as the run directory stores it
+    x, _ = shapes(10, seed=3)  # the archive grew by 30 items
+    grown = MultiViewData(pixels=np.concatenate([d.pixels, x]), extra={"index": np.arange(len(d.pixels) + len(x))})
+
+    # No epoch: the previous network and mixture as they were; a balanced target table for the grown archive.
+    still = MMDC(3, tiny_config(epochs=0), seed=9)
+    still.warm_start = state
+    still.fit(grown)
+    assert (still.predict(d) == first.predict(d)).all()
+    assert np.bincount(still.gmm_.labels(still.targets_)).tolist() == [50, 50, 50]
+    assert {"phase": "warm_start"} in still.history_
+
+    # Training goes on from there: the old items keep most of their clusters (cold: another partition).
+    warm = MMDC(3, tiny_config(epochs=1), seed=9)
+    warm.warm_start = state
+    before = first.predict(d)
+    after = warm.fit(grown).predict(d)
+    cold = MMDC(3, tiny_config(epochs=1), seed=9).fit(grown).predict(d)
+    assert (after == before).mean() > 0.75
+    assert normalized_mutual_info_score(before, after) > normalized_mutual_info_score(before, cold) + 0.2
+
+    other = MMDC(3, tiny_config(epochs=1, convnet_widths=(8, 8, 8, 8)), seed=9)
+    other.warm_start = state
+    with pytest.raises(ValueError, match="architecture"):
+        other.fit(grown)
+    small = MMDC(3, tiny_config(epochs=1), seed=9)
+    small.warm_start = state
+    crops = MultiViewData(pixels=d.pixels[:, :, 2:26, 2:26].copy(), extra={"index": np.arange(len(d.pixels))})
+    with pytest.raises(ValueError, match="images"):
+        small.fit(crops)

@@ -160,7 +160,12 @@ def test_a_warm_start_needs_the_same_architecture_and_the_start_mode_says_why():
         "cold", "the model's architecture or input preparation changed (--set)")
     assert start_mode(cfg(clusters=6), cfg(), unchanged=False, warm=True)[0] == "cold"
     mmdc = from_dict(RunConfig, {"cluster": {"algorithm": "mmdc", "clusters": 5}})
-    assert "no warm start" in start_mode(mmdc, mmdc, unchanged=False, warm=True)[1]
+    assert start_mode(mmdc, mmdc, unchanged=False, warm=True)[0] == "warm"
+    def mmdc_with(**params):
+        return from_dict(RunConfig, {"cluster": {"algorithm": "mmdc", "clusters": 5, "params": {"mmdc": params}}})
+
+    assert start_mode(mmdc_with(flip=True), mmdc, unchanged=False, warm=True)[0] == "warm"  # not the model
+    assert start_mode(mmdc_with(rotation=False), mmdc, unchanged=False, warm=True)[0] == "cold"
 
 
 def test_outliers_are_not_clusters_in_the_drift_report():

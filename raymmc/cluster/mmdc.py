@@ -253,6 +253,8 @@ class MMDC(NearestCentroid, DeepClusterer):
 
     name = "mmdc"
     Config = MMDCConfig
+    # A re-clustering starts from the previous network and target mixture (see _load_warm_start).
+    supports_warm_start = True
 
     _shape: tuple[int, int, int] | None = None  # (C, H, W) of the training images
 
@@ -380,8 +382,10 @@ class MMDC(NearestCentroid, DeepClusterer):
             raise ValueError(f"unknown refine_init {cfg.refine_init!r}")
         # Same seed on every worker: same targets and same initial weights (DDP broadcasts rank 0's anyway).
         self.gmm_ = GaussianMixtureTargets(self.n_clusters, self.target_dim, cfg.sigma, cfg.means, seed=self.seed)
-        self.targets_ = torch.from_numpy(self.gmm_.sample(n_global))
         self.model_ = self._build_model()
+        if resume is None and self.warm_start is not None:  # before wrap: DDP starts from these weights
+            self._load_warm_start(self.warm_start)
+        self.targets_ = torch.from_numpy(self.gmm_.sample(n_global))
         net = self.wrap(self.model_)
         opt = _optimizer(self.model_, cfg)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
@@ -407,6 +411,27 @@ class MMDC(NearestCentroid, DeepClusterer):
         self.model_.eval()
         self.n_iter_ = cfg.epochs
         self.labels_ = self.predict(data)
+
+    def warm_start_signature(self) -> dict[str, Any]:
+        """What the network and its targets mean: the mixture, the architecture and the un-augmented view
+        (not the training schedule or the augmentations)."""
+        keys = ("sigma", "target_dim", "means", "backbone", "convnet_widths", "rotation", "input_size",
+                "eval_crop")
+        return {k: getattr(self.config, k) for k in keys}
+
+    def _load_warm_start(self, state: dict[str, Any]) -> None:
+        """The previous fit's network and mixture means (this fit's config and seed kept). The target table is
+        then drawn for this archive's size, balanced as always (an unbalanced table would let a large cluster
+        swallow the others); the first epoch's per-batch assignment then hands each item the target nearest
+        the previous network's output, so training continues the previous clustering."""
+        self._check_warm_start(state)
+        shape = tuple(int(s) for s in state["shape"])
+        if shape != self._shape:
+            raise ValueError(f"warm start from a model of images {shape} (C, H, W); these are {self._shape}")
+        self.model_.load_state_dict({k: torch.as_tensor(v) for k, v in state["model"].items()})
+        # "random" means come from the seed: the previous ones, which the network was trained towards
+        self.gmm_.means = np.asarray(state["means"], dtype=np.float32)
+        self._report({"phase": "warm_start"})
 
     def _check_global_index(self, gidx: torch.Tensor, ops: GlobalOps) -> int:
         """The global item count; the indices must be 0..N-1 over all workers."""

@@ -8,19 +8,18 @@ list of moved items the drift report shows.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raymmc.train.usable import ROWS_PER_PARTITION
+from raymmc.train.usable import ROWS_PER_PARTITION, id_buckets
 
 
 def _tag(batch: pa.Table, side: int, partitions: int) -> pa.Table:
     ids = batch.column("id").cast(pa.string())
-    bucket = [zlib.crc32(i.encode()) % partitions for i in ids.to_pylist()]
+    bucket = id_buckets(ids, partitions)
     return pa.table({"id": ids, "cluster": batch.column("cluster").cast(pa.int64()),
                      "side": pa.array([side] * batch.num_rows, pa.int8()), "bucket": pa.array(bucket, pa.int64())})
 

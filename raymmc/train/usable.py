@@ -26,6 +26,13 @@ from raymmc.accounting import LIGHT_COLUMNS, REJECT_SCHEMA, id_group_rejects, id
 ROWS_PER_PARTITION = 500_000  # light rows per id partition: ~50 MB a task, enough partitions to spread
 
 
+def id_buckets(ids: pa.Array | pa.ChunkedArray, partitions: int) -> list[int]:
+    """The id partition of each id: CRC-32 of its UTF-8 bytes modulo ``partitions``. Stable across processes
+    and runs (Python's ``hash`` is salted per process), so the accounting pass and the overlap of two runs
+    put an id in the same partition on every worker."""
+    return [zlib.crc32(i) % partitions for i in ids.cast(pa.binary()).to_pylist()]
+
+
 @dataclass
 class UsableRows:
     dataset: Any  # ray.data.Dataset of usable feature rows (+ ``index``), materialised, in input order
@@ -37,10 +44,9 @@ class UsableRows:
 
 def _annotate(batch: pa.Table, modalities: frozenset[str], decode: Any, partitions: int) -> pa.Table:
     reasons = row_reasons(batch, modalities, decode)
-    ids = batch.column("id").cast(pa.binary()).to_pylist()
     problems = reasons.column("id_problem").to_pylist()
     # -1: an unusable id, rejected where it is read; the others go to the partition of their id
-    bucket = [-1 if p is not None else zlib.crc32(i) % partitions for i, p in zip(ids, problems)]
+    bucket = [-1 if p is not None else b for b, p in zip(id_buckets(batch.column("id"), partitions), problems)]
     out = batch.select(LIGHT_COLUMNS)
     for name in reasons.column_names:
         out = out.append_column(name, reasons.column(name))
