@@ -1,7 +1,7 @@
 """Can a sweep's label-free score tell which JECL start suits an archive? (issue 13)
 
-Fits JECL with ``init_mode`` ``per_view`` (the paper's) and ``input`` (from concatenated k-means's partition)
-on each archive, several seeds each, and prints the label-free scores a sweep would rank them by
+Fits JECL with ``init_mode`` ``joint`` (the default), ``per_view`` (the paper's) and ``input`` (from
+concatenated k-means's partition) on each archive, several seeds each, and prints the label-free scores a sweep would rank them by
 (raymmc.cluster.selection) beside their NMI against the labels (read only for this table).
 
     python benchmarks/jecl_init_choice.py --features runs/<tuxpaint run> --features runs/<oxygen run> \\
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", action="append", required=True, help="a `raymmc run` directory (repeatable)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--inits", nargs="+", default=["per_view", "input"])
+    ap.add_argument("--inits", nargs="+", default=["joint", "per_view", "input"])
     args = ap.parse_args(argv)
     print("| archive | init_mode | " + " | ".join(SHOWN) + " |")
     print("|---" * (2 + len(SHOWN)) + "|")

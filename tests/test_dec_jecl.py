@@ -104,7 +104,7 @@ def test_jecl_fits_separable_data(synth, jecl_fit):
     # after matching and joint training the two views agree on nearly every item
     assert (q.argmax(1) == r.argmax(1)).mean() > 0.9
     assert jecl_fit.embed(data).shape == (len(y), 8)
-    assert jecl_fit.init_agreement_ > 0.8
+    assert jecl_fit.config.init_mode == "joint" and jecl_fit.init_agreement_ is None  # aligned by construction
 
 
 def test_jecl_state_dict_roundtrip(synth, jecl_fit):
@@ -144,10 +144,23 @@ def test_jecl_missing_captions(synth):
     np.testing.assert_allclose(s[~no], lam * q[~no] + (1 - lam) * r[~no], atol=1e-6)
 
 
-def test_jecl_joint_init(synth):
+def test_jecl_per_view_init_matches_clusters(synth):
     data, y = synth
-    m = JECL(K, {**SMALL, "init_mode": "joint"}, seed=0).fit(data)
+    m = JECL(K, {**SMALL, "init_mode": "per_view"}, seed=0).fit(data)
     assert nmi(y, m.predict(data)) > 0.8
+    assert m.init_agreement_ > 0.8  # the matched image and text k-means agree on the paired items
+
+
+def test_jecl_joint_init_falls_back_without_enough_pairs(synth):
+    data, y = synth
+    n = len(y)
+    has_image = np.arange(n) < n // 2 + 2  # 2 paired items (K = 4): each view's k-means instead
+    has_text = np.arange(n) >= n // 2
+    mixed = MultiViewData(image=data.image * has_image[:, None], text=data.text * has_text[:, None],
+                          has_image=has_image, has_text=has_text)
+    m = JECL(K, SMALL, seed=0).fit(mixed)
+    assert {"phase": "init_fallback", "from": "joint", "to": "per_view", "paired_items": 2} in m.history_
+    assert m.init_agreement_ is not None
 
 
 def test_jecl_input_init_starts_from_concatenated_kmeans(synth):
