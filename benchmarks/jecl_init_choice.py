@@ -1,8 +1,8 @@
 """Can a sweep's label-free score tell which JECL start suits an archive? (issue 13)
 
 Fits JECL with ``init_mode`` ``joint`` (the default), ``per_view`` (the paper's) and ``input`` (from
-concatenated k-means's partition) on each archive, several seeds each, and prints the label-free scores a sweep would rank them by
-(raymmc.cluster.selection) beside their NMI against the labels (read only for this table).
+concatenated k-means's partition) on each archive, several seeds each, and prints the label-free scores a
+sweep would rank them by (raymmc.cluster.selection) beside their NMI against the labels (read only for this table).
 
     python benchmarks/jecl_init_choice.py --features runs/<tuxpaint run> --features runs/<oxygen run> \\
         --features runs/<stamps run> --seeds 3
