@@ -83,3 +83,16 @@ def test_the_distributed_pass_equals_the_in_process_account(ray_session, tmp_pat
     assert written.to_pylist() == expected.rejects.to_pylist()
     assert (got.usable, got.rejected, got.duplicates, got.missing_id) == (
         expected.usable.num_rows, expected.rejects.num_rows, expected.duplicates, expected.missing_id) == (4, 7, 3, 1)
+
+
+def test_id_buckets_are_stable_and_null_safe():
+    import zlib
+
+    import pyarrow as pa
+
+    from raymmc.train.usable import id_buckets
+
+    ids = pa.chunked_array([pa.array(["a", None, "é/..", ""]), pa.array(["a"])])
+    buckets = id_buckets(ids, 7)
+    assert buckets == [zlib.crc32(b"a") % 7, -1, zlib.crc32("é/..".encode()) % 7, 0, zlib.crc32(b"a") % 7]
+    assert id_buckets(pa.array(["a", "b"], pa.large_string()), 1) == [0, 0]

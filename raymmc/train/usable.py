@@ -27,10 +27,10 @@ ROWS_PER_PARTITION = 500_000  # light rows per id partition: ~50 MB a task, enou
 
 
 def id_buckets(ids: pa.Array | pa.ChunkedArray, partitions: int) -> list[int]:
-    """The id partition of each id: CRC-32 of its UTF-8 bytes modulo ``partitions``. Stable across processes
-    and runs (Python's ``hash`` is salted per process), so the accounting pass and the overlap of two runs
-    put an id in the same partition on every worker."""
-    return [zlib.crc32(i) % partitions for i in ids.cast(pa.binary()).to_pylist()]
+    """The id partition of each id: CRC-32 of its UTF-8 bytes modulo ``partitions`` (-1 for a null id).
+    Stable across processes and runs (Python's ``hash`` is salted per process), so the accounting pass and
+    the overlap of two runs put an id in the same partition on every worker."""
+    return [-1 if i is None else zlib.crc32(i) % partitions for i in ids.cast(pa.binary()).to_pylist()]
 
 
 @dataclass
