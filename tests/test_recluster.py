@@ -161,6 +161,7 @@ def test_a_warm_start_needs_the_same_architecture_and_the_start_mode_says_why():
     assert start_mode(cfg(clusters=6), cfg(), unchanged=False, warm=True)[0] == "cold"
     mmdc = from_dict(RunConfig, {"cluster": {"algorithm": "mmdc", "clusters": 5}})
     assert start_mode(mmdc, mmdc, unchanged=False, warm=True)[0] == "warm"
+
     def mmdc_with(**params):
         return from_dict(RunConfig, {"cluster": {"algorithm": "mmdc", "clusters": 5, "params": {"mmdc": params}}})
 
