@@ -61,7 +61,7 @@ def start_mode(cfg: RunConfig, previous: RunConfig, unchanged: bool, warm: bool)
         return "cold", "another algorithm or number of clusters than the previous run's"
     model = make_model(cfg)
     if not model.supports_warm_start:
-        return "cold", f"{cfg.cluster.algorithm} has no warm start (k-means, DEC, JECL, DM2C and MMDC have)"
+        return "cold", f"{cfg.cluster.algorithm} has no warm start"
     if model.warm_start_signature() != make_model(previous).warm_start_signature():
         return "cold", "the model's architecture or input preparation changed (--set)"
     return "warm", "training starts from the previous run's model"
