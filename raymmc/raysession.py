@@ -25,7 +25,11 @@ def init_ray(cfg: RayConfig | None = None) -> dict:
         else:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      configure_logging=False, runtime_env=RUNTIME_ENV)
-        ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("RAYMMC_PROGRESS", "1") != "0")
+    # The driver's Ray Data context (datasets carry it to their tasks): set on every call, so that a run's
+    # own config applies in a session another caller started.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = os.environ.get("RAYMMC_PROGRESS", "1") != "0"
+    context.use_datasource_v2 = cfg.parquet_reader == "v2"
     return ray.cluster_resources()
 
 

@@ -37,3 +37,18 @@ def test_yaml_booleans_name_the_choice_the_user_wrote():
     assert load_config(overrides=["archive.duplicate_images=drop"]).archive.duplicate_images == "drop"
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(overrides=["archive.duplicate_images=yes"])
+
+
+def test_the_parquet_reader_is_set_on_every_init(ray_session):
+    """`ray.parquet_reader` reaches the driver's Ray Data context, also when Ray was already started."""
+    from raymmc.config import RayConfig
+    from raymmc.raysession import init_ray
+
+    context = ray_session.data.DataContext.get_current()
+    try:
+        init_ray(RayConfig(parquet_reader="v2"))
+        assert context.use_datasource_v2 is True
+        init_ray(load_config(values={}).ray)
+        assert context.use_datasource_v2 is False  # the default: the classic reader
+    finally:
+        init_ray(RayConfig())
