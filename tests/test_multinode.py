@@ -26,9 +26,32 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAYMMC = str(Path(sys.executable).with_name("raymmc"))
 
 
-def _cluster_pids(temp_dir: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:] if temp_dir in line]
+def _cluster_pids(marker: str) -> list[int]:
+    """Every process of the cluster: found by a variable in its environment, which all of Ray's processes
+    inherit from `ray start` (their command lines do not all name the temp dir: some set their own title)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if f"RAYMMC_TEST_CLUSTER={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return pids
+
+
+def _stop(marker: str) -> None:
+    """SIGTERM, then SIGKILL whatever is left, until no process of the cluster remains (or 30 s)."""
+    deadline = time.monotonic() + 30
+    sig = signal.SIGTERM
+    while (pids := _cluster_pids(marker)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3 if sig == signal.SIGTERM else 0.5)
+        sig = signal.SIGKILL
 
 
 @pytest.fixture()
@@ -38,7 +61,7 @@ def two_nodes(tmp_path_factory):
     cluster on the machine (the suite's ray_session) alone."""
     temp_dir = str(tmp_path_factory.mktemp("ray2"))
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYMMC_TEST_CLUSTER": temp_dir}
     common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                     "--include-dashboard=false", *common],
@@ -49,18 +72,7 @@ def two_nodes(tmp_path_factory):
                        check=True, env=env, capture_output=True)
         yield {"address": f"127.0.0.1:{port}", "env": env}
     finally:
-        pids = _cluster_pids(temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(3)
-        for pid in _cluster_pids(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _stop(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
