@@ -283,6 +283,8 @@ def test_a_grown_archive_is_reclustered_with_stable_ids_and_an_unchanged_one_mov
         assert main(["assign", "--model", str(out / "v2"), "--input", str(archive), "--output", str(out),
                      "--run-name", "again"]) == 0
         assert _assignments(out / "again") == v2
+    if algorithm != "kmeans":  # an unchanged archive reuses the model, whichever it is: checked once, below
+        return
 
     # unchanged: nothing extracted, nothing moved
     assert main(["recluster", "--previous", str(out / "v2"), "--output", str(out), "--run-name", "v3"]) == 0
