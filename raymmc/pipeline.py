@@ -20,6 +20,7 @@ from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_ver
 from raymmc.io.formats import discover_input
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import evaluate_contingency
+from raymmc.train.blocks import concat_blocks
 from raymmc.train.trainer import table_to_multiview
 
 
@@ -199,7 +200,7 @@ def driver_table(prep: Prepared, columns: list[str] | None = None) -> pa.Table:
     import ray
 
     ds = prep.dataset if columns is None else prep.dataset.select_columns(columns)
-    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("index")
+    return concat_blocks(ray.get(ds.to_arrow_refs())).sort_by("index")
 
 
 def usable_features(prep: Prepared, cfg: RunConfig) -> MultiViewData:

@@ -115,6 +115,7 @@ def write_csv(rundir: RunDir, name: str, rows: list[dict[str, Any]], columns: li
 def score_sample(prep, setup) -> tuple[Any, np.ndarray | None]:
     """The score's keyed sample of the whole archive's usable rows (bounded: ``score_rows`` rows to the driver)."""
     from raymmc.hashing import keep_fraction
+    from raymmc.train.blocks import concat_blocks
     from raymmc.train.trainer import table_to_multiview
     from raymmc.train.tune import score_mask, trial_sample_filter
     import ray
@@ -122,7 +123,7 @@ def score_sample(prep, setup) -> tuple[Any, np.ndarray | None]:
     ds = prep.dataset.map_batches(trial_sample_filter, batch_format="pyarrow",
                                   fn_kwargs={"fraction": keep_fraction(setup.score_rows, setup.n_total),
                                              "seed": setup.seed ^ 0x5C0E})
-    table = pa.concat_tables(ray.get(ds.materialize().to_arrow_refs())).sort_by("index")
+    table = concat_blocks(ray.get(ds.materialize().to_arrow_refs())).sort_by("index")
     table = table.filter(pa.array(score_mask(table.column("id").to_pylist(), setup.n_total, setup.score_rows,
                                              setup.seed)))
     labels = None

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from raymmc.train.blocks import concat_blocks
+
 
 @dataclass
 class TrainConfig:
@@ -99,7 +101,7 @@ def _train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     shard = ray.train.get_dataset_shard(f"train_{ctx.get_world_rank()}")
     batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"]))
-    table = pa.concat_tables(batches) if batches else None
+    table = concat_blocks(batches) if batches else None
     if table is None or table.num_rows == 0:
         raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
     if "index" in table.column_names:  # the shard's rows in input order, however its blocks arrived

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from raymmc.cluster.base import MultiViewData
 from raymmc.cluster.selection import AGREEMENT_FLOOR
+from raymmc.train.blocks import concat_blocks
 from raymmc.hashing import keep_fraction, keyed_priority, under
 
 SELF_TRAINING = frozenset({"dec", "jecl"})  # report a score at their target updates
@@ -116,7 +117,7 @@ def trial_data(refs: list, channels: int) -> tuple[MultiViewData, np.ndarray | N
     """The trial's rows in input order, and their labels (None when the archive has none)."""
     import ray
 
-    table = pa.concat_tables(ray.get(list(refs))).sort_by("index")
+    table = concat_blocks(ray.get(list(refs))).sort_by("index")
     labels = None
     if "label" in table.column_names:
         values = table.column("label").to_pylist()
