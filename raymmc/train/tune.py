@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from raymmc.cluster.base import MultiViewData
 from raymmc.cluster.selection import AGREEMENT_FLOOR
-from raymmc.train.blocks import concat_blocks
 from raymmc.hashing import keep_fraction, keyed_priority, under
+from raymmc.train.blocks import concat_blocks
 
 SELF_TRAINING = frozenset({"dec", "jecl"})  # report a score at their target updates
 
