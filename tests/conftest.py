@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +56,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CLUSTER_MARKER = "RAYMMC_TEST_CLUSTER"  # in a `ray start` cluster's environment: every one of its processes has it
+
+
+def cluster_pids(marker: str) -> list[int]:
+    """The live processes of the `ray start` cluster started with ``{CLUSTER_MARKER: marker}`` in its environment,
+    which all of Ray's processes inherit (their command lines do not all say which cluster: some retitle
+    themselves; and a daemonised `ray start` leaves no process tree to follow)."""
+    tag = f"{CLUSTER_MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if tag in (entry / "environ").read_bytes().split(b"\0"):  # a zombie's reads empty
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return pids
+
+
+def stop_cluster(marker: str) -> None:
+    """Stop that cluster only, by process id (`ray stop` would stop every Ray cluster on the machine, the test
+    session's own included): SIGTERM, then SIGKILL, until none of its processes is left (or 30 s)."""
+    deadline = time.monotonic() + 30
+    sig = signal.SIGTERM
+    while (pids := cluster_pids(marker)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3 if sig == signal.SIGTERM else 0.5)
+        sig = signal.SIGKILL
 
 
 def spawn_workers(worker, out_dir, nprocs: int = 2) -> list:

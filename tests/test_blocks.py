@@ -10,6 +10,6 @@ def test_empty_blocks_without_columns_are_left_out():
         pa.concat_tables([a, pa.table({}), b])
     assert concat_blocks([a, pa.table({}), b]).to_pydict() == {"id": ["x", "y"], "index": [1, 0]}
     empty = a.slice(0, 0)
-    assert concat_blocks([pa.table({}), empty]).num_rows == 0
+    assert concat_blocks([pa.table({}), empty]).num_rows == 0 and concat_blocks([]).num_rows == 0
     with pytest.raises(pa.ArrowInvalid):  # blocks with rows keep their strict schema check
         concat_blocks([a, pa.table({"other": [1]})])

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from conftest import CLUSTER_MARKER, _free_port, stop_cluster
 
 from raymmc.config import load_config
 
@@ -30,66 +30,6 @@ JOB_ENV = {"RAYMMC_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
 sys.path.insert(0, str(REPO / "jobs"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """``{pid: (parent pid, session id, state)}`` of the live processes, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
-def _cluster_pids(root: int) -> set[int]:
-    """The `ray start` process, its descendants, and the rest of the session it leads."""
-    table = _proc_table()
-    pids = {pid for pid, (_, sid, state) in table.items() if sid == root and state != "Z"}
-    pids.add(root)
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _, state) in table.items() if ppid in pids and state != "Z"} - pids
-        pids |= more
-        grew = bool(more)
-    return {pid for pid in pids if pid in table}
-
-
-def _stop_cluster(proc: subprocess.Popen) -> None:
-    """Stop the processes of this cluster only, by id. (`ray stop` would stop every Ray process
-    on the machine, the test session's own cluster included.)"""
-    pids = _cluster_pids(proc.pid)
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the root
-            table = _proc_table()
-            pids = {pid for pid in pids if pid in table and table[pid][2] != "Z"}
-            if not pids:
-                break
-            time.sleep(0.2)
-        if not pids:
-            break
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 @pytest.fixture(scope="module")
 def job_cluster():
     """A local Ray cluster started with `ray start` (the venv's), its dashboard on 127.0.0.1."""
@@ -99,6 +39,7 @@ def job_cluster():
     dash, gcs = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(JOB_ENV, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    env[CLUSTER_MARKER] = temp_dir
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
            f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -123,7 +64,11 @@ def job_cluster():
         client.gcs_port = gcs
         yield client
     finally:
-        _stop_cluster(proc)
+        stop_cluster(temp_dir)
+        try:
+            proc.wait(timeout=10)  # reap `ray start`
+        except subprocess.TimeoutExpired:
+            pass
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

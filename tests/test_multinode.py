@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from conftest import _free_port, by_id
+from conftest import CLUSTER_MARKER, _free_port, by_id, stop_cluster
 
 from raymmc.io.rundir import RunDir
 
@@ -26,34 +24,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 RAYMMC = str(Path(sys.executable).with_name("raymmc"))
 
 
-def _cluster_pids(marker: str) -> list[int]:
-    """Every process of the cluster: found by a variable in its environment, which all of Ray's processes
-    inherit from `ray start` (their command lines do not all name the temp dir: some set their own title)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if f"RAYMMC_TEST_CLUSTER={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:  # gone, or not ours to read
-                pass
-    return pids
-
-
-def _stop(marker: str) -> None:
-    """SIGTERM, then SIGKILL whatever is left, until no process of the cluster remains (or 30 s)."""
-    deadline = time.monotonic() + 30
-    sig = signal.SIGTERM
-    while (pids := _cluster_pids(marker)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(3 if sig == signal.SIGTERM else 0.5)
-        sig = signal.SIGKILL
-
-
 @pytest.fixture()
 def two_nodes(tmp_path_factory):
     """Head and worker node, 3 logical CPUs each (a 2-CPU encoder, Train worker or predictor per node,
@@ -61,7 +31,7 @@ def two_nodes(tmp_path_factory):
     cluster on the machine (the suite's ray_session) alone."""
     temp_dir = str(tmp_path_factory.mktemp("ray2"))
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYMMC_TEST_CLUSTER": temp_dir}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", CLUSTER_MARKER: temp_dir}
     common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                     "--include-dashboard=false", *common],
@@ -72,7 +42,7 @@ def two_nodes(tmp_path_factory):
                        check=True, env=env, capture_output=True)
         yield {"address": f"127.0.0.1:{port}", "env": env}
     finally:
-        _stop(temp_dir)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -101,8 +101,8 @@ def _train_loop(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     shard = ray.train.get_dataset_shard(f"train_{ctx.get_world_rank()}")
     batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"]))
-    table = concat_blocks(batches) if batches else None
-    if table is None or table.num_rows == 0:
+    table = concat_blocks(batches)
+    if table.num_rows == 0:
         raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
     if "index" in table.column_names:  # the shard's rows in input order, however its blocks arrived
         table = table.sort_by("index")
