@@ -74,10 +74,10 @@ class RayConfig:
     address: str | None = None  # None: start (or join via RAY_ADDRESS) a local cluster
     num_cpus: int | None = None  # for a local cluster
     # Ray Data's Parquet reader. "classic": Ray's long-standing ParquetDatasource. "v2": Ray 2.60's default,
-    # which lists the files in a ListFiles operator of its own; it cost 3.6-5.7 s of fixed latency per read on
-    # a warm 2-CPU cluster, against 0.2-0.6 s for the classic one (two small files), and a run reads Parquet
-    # three to five times (accounting, re-clustering). "v2" spreads the listing of very many files over the
-    # cluster.
+    # which lists the files in a ListFiles operator of its own; on a warm 2-CPU cluster it cost 3.75 +- 1.79 s
+    # per read of two small files against 0.46 +- 0.25 s for the classic one (benchmarks/parquet_reader.py),
+    # and a run reads Parquet three to five times (accounting, re-clustering). "v2" spreads the listing of
+    # very many files over the cluster.
     parquet_reader: Literal["classic", "v2"] = "classic"
 
 
