@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/raymmc run
 
+# Two pytest-xdist workers, each with its own local Ray session, take whole test files (module fixtures are
+# built once): much of an end-to-end test is Ray's start-up latency, not CPU, so two overlap well on 2 cores.
+TEST_WORKERS ?= 2
+
 test: setup chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Headless Chromium renders the HTML report in a test (Debian's package; needs root or sudo).
 chromium:

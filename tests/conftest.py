@@ -61,11 +61,12 @@ def _free_port() -> int:
 CLUSTER_MARKER = "RAYMMC_TEST_CLUSTER"  # in a `ray start` cluster's environment: every one of its processes has it
 
 
-def cluster_pids(marker: str) -> list[int]:
-    """The live processes of the `ray start` cluster started with ``{CLUSTER_MARKER: marker}`` in its environment,
-    which all of Ray's processes inherit (their command lines do not all say which cluster: some retitle
-    themselves; and a daemonised `ray start` leaves no process tree to follow)."""
-    tag = f"{CLUSTER_MARKER}={marker}".encode()
+def pids_with_env(key: str, value: str) -> list[int]:
+    """The live processes (other than this one) with ``key=value`` in their environment, which every child
+    process inherits: all of a Ray cluster's processes carry the environment of the process that started it
+    (their command lines do not all say which cluster: some retitle themselves; and a daemonised `ray start`
+    leaves no process tree to follow)."""
+    tag = f"{key}={value}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -75,6 +76,19 @@ def cluster_pids(marker: str) -> list[int]:
             except OSError:  # gone, or not ours to read
                 pass
     return pids
+
+
+def cluster_pids(marker: str) -> list[int]:
+    """The live processes of the `ray start` cluster started with ``{CLUSTER_MARKER: marker}`` in its environment."""
+    return pids_with_env(CLUSTER_MARKER, marker)
+
+
+def this_sessions_pids() -> list[int] | None:
+    """Under pytest-xdist (`make test`) each worker runs its own Ray session, whose processes inherit the
+    worker's PYTEST_XDIST_WORKER: the processes of this worker's session (and its children) only, so that a
+    test that signals Ray workers leaves the other test worker's alone. None without xdist (one session)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return None if worker is None else pids_with_env("PYTEST_XDIST_WORKER", worker)
 
 
 def stop_cluster(marker: str) -> None:
@@ -190,3 +204,17 @@ def bad_archive(tmp_path_factory, tux_items):
     pq.write_table(table.slice(0, 0), root / "part-00003.parquet")  # an empty shard
     return {"uri": str(root), "ids": ids, "n_rows": len(ids) + 2, "duplicate": ids[10],
             "rejected_id": ids[6], "text_only": ids[1:4], "image_only": ids[4:6]}
+
+
+# The test files in the order of their measured cost, longest first (`pytest --durations=0`, 2-core machine:
+# 175 s down to 30 s). `make test` runs two pytest-xdist workers that take whole files (--dist loadfile), in
+# collection order: started first, the long files run beside each other and the short ones fill the end, so
+# neither worker is left alone with a long file at the end.
+LONGEST_FIRST = ["test_real_archive.py", "test_s3_e2e.py", "test_train_ray.py", "test_recluster.py",
+                 "test_multinode.py", "test_jobs.py", "test_columns.py", "test_faults.py", "test_assign.py",
+                 "test_formats.py", "test_feature_cache.py", "test_run_e2e.py", "test_hostile_input.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import this_sessions_pids
 
 from raymmc.config import load_config
 from raymmc.features.extract import load_features, run_extraction
@@ -135,7 +136,9 @@ def test_input_file_deleted_after_discovery(ray_session, tux_items, tmp_path):
 
 def _encoder_actors() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ImageEmbedder" in line and "ray::" in line]
+    mine = this_sessions_pids()  # not the other xdist worker's encoders
+    return [int(pid) for pid, args in (line.split(None, 1) for line in out.splitlines()[1:])
+            if "ImageEmbedder" in args and "ray::" in args and (mine is None or int(pid) in mine)]
 
 
 def test_killed_encoder_actor(ray_session, tux_items, tmp_path):

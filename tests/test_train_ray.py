@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import this_sessions_pids
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from raymmc.cluster.registry import make_clusterer
@@ -65,7 +66,9 @@ def test_exact_shards_cover_every_row_once_in_order(ray_session, world):
 
 def _train_workers() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+    mine = this_sessions_pids()  # not the other xdist worker's Train workers
+    return [int(pid) for pid, args in (line.split(None, 1) for line in out.splitlines()[1:])
+            if "ray::RayTrainWorker" in args and (mine is None or int(pid) in mine)]
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
