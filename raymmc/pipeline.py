@@ -327,11 +327,22 @@ def save_model(rundir: RunDir, model) -> bytes:
 def load_model(rundir: RunDir, cfg: RunConfig):
     """The fitted model of a finished run. Safetensors only: a run directory on shared storage is
     data, and a planted pickle in it must be refused, not run."""
+    return _load_model_and_state(rundir, cfg)[0]
+
+
+def load_model_state(rundir: RunDir, cfg: RunConfig) -> bytes:
+    """A finished run's model file as stored, once it has loaded into ``cfg``'s model (refused as
+    ``load_model`` refuses it): the prediction workers get the stored bytes, not a re-serialisation."""
+    return _load_model_and_state(rundir, cfg)[1]
+
+
+def _load_model_and_state(rundir: RunDir, cfg: RunConfig):
     from raymmc.io import safestate
 
+    state = rundir.read_bytes(MODEL_FILE)
     model = make_model(cfg)
-    model.load_state_dict(safestate.loads(rundir.read_bytes(MODEL_FILE), where=rundir.path(MODEL_FILE)))
-    return model
+    model.load_state_dict(safestate.loads(state, where=rundir.path(MODEL_FILE)))
+    return model, state
 
 
 def train_nodes(train_report: dict) -> list[str]:
@@ -479,7 +490,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
                    text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
     with timer("assign"):  # a re-clustered model writes its lineage's stable cluster ids
-        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, model_state(load_model(source, cfg)),
+        metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model_state(source, cfg),
                                                   cluster_ids=(src_manifest.get("lineage") or {}).get("cluster_ids"))
     manifest = write_manifest(rundir, cfg, prep, started, timer, model_run=model_run,
                               nodes={"extract": prep.stats.nodes, "predict": predict_nodes})
