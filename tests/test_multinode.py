@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,25 +26,32 @@ RAYMMC = str(Path(sys.executable).with_name("raymmc"))
 
 
 @pytest.fixture()
-def two_nodes(tmp_path_factory):
+def two_nodes():
     """Head and worker node, 3 logical CPUs each (a 2-CPU encoder, Train worker or predictor per node,
     plus room for the light tasks), in their own temp dir so that stopping them leaves any other Ray
     cluster on the machine (the suite's ray_session) alone."""
-    temp_dir = str(tmp_path_factory.mktemp("ray2"))
+    # Short, as test_jobs' cluster: Ray refuses a Unix socket path over 107 bytes, and under pytest-xdist's base
+    # temp (/tmp/pytest-of-root/pytest-4/popen-gw0/ray20) the second node's
+    # <temp dir>/session_<date>_<pid>/sockets/plasma_store.1 is 107 bytes with a 4-digit pid, 108 with a 5-digit one.
+    temp_dir = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", CLUSTER_MARKER: temp_dir}
     common = ["--num-cpus", "3", "--temp-dir", temp_dir, "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                    "--include-dashboard=false", *common],
-                   check=True, env=env, capture_output=True)
     try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                        "--resources", json.dumps({"second_node": 1}), *common],
-                       check=True, env=env, capture_output=True)
+        _ray_start(["--head", "--port", str(port), "--include-dashboard=false", *common], env)
+        _ray_start(["--address", f"127.0.0.1:{port}", "--resources", json.dumps({"second_node": 1}), *common], env)
         yield {"address": f"127.0.0.1:{port}", "env": env}
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_start(args: list[str], env: dict) -> None:
+    proc = subprocess.run([RAY, "start", "--node-ip-address", "127.0.0.1", *args], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr)[-4000:]
+        pytest.fail(f"`ray start {' '.join(args)}` exited with {proc.returncode}:\n{output}")
 
 
 def _run(args: list[str], env: dict) -> None:
