@@ -27,7 +27,8 @@ demo: setup
 	$(BIN)/raymmc run
 
 # Two pytest-xdist workers, each with its own local Ray session, take whole test files (module fixtures are
-# built once): much of an end-to-end test is Ray's start-up latency, not CPU, so two overlap well on 2 cores.
+# built once). In one process the suite kept 2 cores 57% busy (an end-to-end test waits on Ray's process
+# start-ups); two workers fill the gaps (~95%): 19:27 against 21:50, same code, 2-core machine (README, "Development").
 TEST_WORKERS ?= 2
 
 test: setup chromium

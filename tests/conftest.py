@@ -211,7 +211,7 @@ def bad_archive(tmp_path_factory, tux_items):
 
 
 # The test files in the order of their measured cost, longest first (`pytest --durations=0`, 2-core machine:
-# 175 s down to 30 s). `make test` runs two pytest-xdist workers that take whole files (--dist loadfile), in
+# 173 s down to 29 s). `make test` runs two pytest-xdist workers that take whole files (--dist loadfile), in
 # collection order: started first, the long files run beside each other and the short ones fill the end, so
 # neither worker is left alone with a long file at the end.
 LONGEST_FIRST = ["test_real_archive.py", "test_s3_e2e.py", "test_train_ray.py", "test_recluster.py",
