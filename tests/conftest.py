@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray session and one S3-compatible server (moto) per test run,
+"""Shared fixtures: one local Ray session and one S3-compatible server (moto) per test worker,
 and a small real archive (tuxpaint) with every kind of bad input mixed in."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local 2-CPU Ray cluster on 127.0.0.1 shared by the whole test run."""
+    """One local 2-CPU Ray cluster on 127.0.0.1 shared by the tests of this worker (`make test` runs two)."""
     import ray
 
     from raymmc.config import RayConfig
@@ -87,12 +88,16 @@ def cluster_pids(marker: str) -> list[int]:
     return pids_with_env(CLUSTER_MARKER, marker)
 
 
-def this_sessions_pids() -> list[int] | None:
-    """Under pytest-xdist (`make test`) each worker runs its own Ray session, whose processes inherit the
-    worker's PYTEST_XDIST_WORKER: the processes of this worker's session (and its children) only, so that a
-    test that signals Ray workers leaves the other test worker's alone. None without xdist (one session)."""
+def session_processes(*parts: str) -> list[int]:
+    """The processes of this test worker's Ray session whose command line holds every one of ``parts`` (Ray's
+    workers and actors retitle themselves ``ray::<class>``). Under pytest-xdist (`make test`) each worker runs
+    its own session, whose processes inherit the worker's PYTEST_XDIST_WORKER: a test that signals Ray's
+    processes leaves the other worker's alone."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    return None if worker is None else pids_with_env("PYTEST_XDIST_WORKER", worker)
+    mine = None if worker is None else set(pids_with_env("PYTEST_XDIST_WORKER", worker))
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(pid) for pid, args in (line.split(None, 1) for line in out.splitlines()[1:])
+            if all(p in args for p in parts) and (mine is None or int(pid) in mine)]
 
 
 def stop_cluster(marker: str) -> None:

@@ -4,7 +4,6 @@ input file is deleted after discovery, an encoder actor is killed. After each, n
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -12,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import this_sessions_pids
+from conftest import session_processes
 
 from raymmc.config import load_config
 from raymmc.features.extract import load_features, run_extraction
@@ -134,13 +133,6 @@ def test_input_file_deleted_after_discovery(ray_session, tux_items, tmp_path):
     _each_row_once(dirs, None, shards)
 
 
-def _encoder_actors() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    mine = this_sessions_pids()  # not the other xdist worker's encoders
-    return [int(pid) for pid, args in (line.split(None, 1) for line in out.splitlines()[1:])
-            if "ImageEmbedder" in args and "ray::" in args and (mine is None or int(pid) in mine)]
-
-
 def test_killed_encoder_actor(ray_session, tux_items, tmp_path):
     """SIGKILL the image-encoder actor mid-run: Ray restarts it and retries its batches; the cache ends with
     every row exactly once."""
@@ -152,7 +144,7 @@ def test_killed_encoder_actor(ray_session, tux_items, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive() and killed is None:
         if len(list(cache.rglob("rows-*.parquet"))) >= 2:
-            actors = _encoder_actors()
+            actors = session_processes("ray::", "ImageEmbedder")
             if actors:
                 killed = actors[0]
                 os.kill(killed, signal.SIGKILL)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import this_sessions_pids
+from conftest import session_processes
 from sklearn.metrics import normalized_mutual_info_score as nmi
 
 from raymmc.cluster.registry import make_clusterer
@@ -64,13 +64,6 @@ def test_exact_shards_cover_every_row_once_in_order(ray_session, world):
         exact_shards(ray_session.data.range(10), 11)
 
 
-def _train_workers() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    mine = this_sessions_pids()  # not the other xdist worker's Train workers
-    return [int(pid) for pid, args in (line.split(None, 1) for line in out.splitlines()[1:])
-            if "ray::RayTrainWorker" in args and (mine is None or int(pid) in mine)]
-
-
 def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
     table, y = features
     result: dict = {}
@@ -90,7 +83,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
         # Kill once a third checkpoint is being written: the first ones are then registered with the controller
         # (the pretrained and initialised checkpoints come back to back; the third only after some training).
         if run_dir.exists() and sum(p.name.startswith("checkpoint") for p in run_dir.rglob("*") if p.is_dir()) >= 3:
-            workers = _train_workers()
+            workers = session_processes("ray::RayTrainWorker")
             if workers:
                 killed = workers[-1]
                 os.kill(killed, signal.SIGKILL)
