@@ -132,7 +132,8 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, log: Callable[[str], None],
-            text_encoder=None, text_identity: str | None = None, cache_root: str | None = None) -> Prepared:
+            text_encoder=None, text_identity: str | None = None, cache_root: str | None = None,
+            reuse_root: str | None = None) -> Prepared:
     """discover -> extract (cached) -> account (on Ray workers); writes rejects/ and features.json into
     ``rundir``."""
     from raymmc.io.storage import list_files
@@ -152,7 +153,7 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
         feature_dirs, stats = run_extraction(
             shards, cfg.extract.cache or storage.join(cfg.output, "features-cache"), extract_cfg=cfg.extract,
             seed=cfg.seed, storage=cfg.storage, has_gpu=has_gpu(), modalities=modalities, log=log,
-            text_encoder=text_encoder, text_identity=text_identity, cache_root=cache_root)
+            text_encoder=text_encoder, text_identity=text_identity, cache_root=cache_root, reuse_root=reuse_root)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
         files = [f.path for d in feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
@@ -293,7 +294,9 @@ def write_manifest(rundir: RunDir, cfg: RunConfig, prep: Prepared, started: _dt.
         "duplicate_images": prep.duplicate_images,
         "encoders": {"image": stats.image_encoder, "text": stats.text_encoder},
         "features": {"cache": stats.cache, "files_cached": stats.files_cached,
-                     "files_extracted": stats.files_extracted, "stages": stats.stages},
+                     "files_extracted": stats.files_extracted, "stages": stats.stages,
+                     **({"files_reused": stats.files_reused, "reused_cache": stats.reused_cache}
+                        if stats.reused_cache else {})},
         "counts": {
             "read": stats.rows, "assigned": prep.usable, "rejected": prep.rejected,
             "duplicates": prep.duplicates, "missing_id": prep.missing_id, "with_image": stats.with_image,
@@ -465,7 +468,8 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
            storage_options: StorageOptions | None = None, log: Callable[[str], None] = print,
            input_format: str | None = None) -> RunResult:
     """`raymmc assign`: put new items into an existing run's clusters, without retraining.
-    Features come from the same encoders (the run's fitted text encoder included)."""
+    Features come from the same encoders (the run's fitted text encoder included); the files the run itself
+    encoded are read from its feature cache, not encoded again."""
     import dataclasses
 
     from raymmc.config import from_dict
@@ -487,8 +491,9 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     cache = src_manifest["features"]["cache"]
     text_encoder = fitted_text_encoder(cfg, cache)
     cfg = dataclasses.replace(cfg, input=input_uri, output=output)
+    # the files the model run already encoded are read from its cache, with the same encoders by construction
     prep = prepare(cfg, input_uri, rundir, timer, log, text_encoder=text_encoder,
-                   text_identity=cache.rstrip("/").rsplit("/", 1)[-1])
+                   text_identity=cache.rstrip("/").rsplit("/", 1)[-1], reuse_root=cache)
     with timer("assign"):  # a re-clustered model writes its lineage's stable cluster ids
         metrics, predict_nodes, _ = write_results(rundir, cfg, prep, load_model_state(source, cfg),
                                                   cluster_ids=(src_manifest.get("lineage") or {}).get("cluster_ids"))

@@ -33,6 +33,12 @@ def test_assign_same_items_reproduces_the_run(fitted_run, bad_archive, tmp_path)
     manifest = RunDir(result.run_uri).read_json("manifest.json")
     assert manifest["model_run"] == fitted_run.run_uri
     assert manifest["counts"]["read"] == manifest["counts"]["assigned"] + manifest["counts"]["rejected"]
+    # the run had encoded these very files: read from its cache, none encoded again
+    features = manifest["features"]
+    assert features["files_extracted"] == 0 and features["files_reused"] == features["files_cached"] == 3
+    assert features["reused_cache"] == fitted_run.manifest["features"]["cache"]
+    dirs = RunDir(result.run_uri).read_json("features.json")["dirs"]
+    assert dirs == RunDir(fitted_run.run_uri).read_json("features.json")["dirs"]
 
 
 def test_assign_new_items_via_cli(fitted_run, bad_archive, tux_items, tmp_path, capsys):
@@ -56,6 +62,8 @@ def test_assign_new_items_via_cli(fitted_run, bad_archive, tux_items, tmp_path, 
     assigned = RunDir(str(tmp_path / "out" / "new")).read_table("assignments")
     cluster = dict(zip(assigned.column("id").to_pylist(), assigned.column("cluster").to_pylist()))
     assert sorted(cluster) == sorted(ids)
+    features = RunDir(str(tmp_path / "out" / "new")).read_json("manifest.json")["features"]
+    assert features["files_extracted"] == 1 and "files_reused" not in features  # a file the run never saw
     base = RunDir(fitted_run.run_uri).read_table("assignments")
     base_cluster = dict(zip(base.column("id").to_pylist(), base.column("cluster").to_pylist()))
     for i in seen:

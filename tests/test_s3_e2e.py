@@ -92,6 +92,9 @@ def test_assign_and_resume_from_s3(s3_run, bad_archive):
                    log=lambda _: None)
     same = RunDir(again.run_uri, opts).read_table("assignments")
     assert by_id(same) == by_id(base)
+    features = again.manifest["features"]  # the run's features, read from its cache in the bucket
+    assert features["files_extracted"] == 0 and features["files_reused"] == 3
+    assert features["reused_cache"] == RunDir(run_uri, opts).read_json("manifest.json")["features"]["cache"]
 
     # Resuming the finished run: Ray Train restarts from its final checkpoint in the bucket and trains nothing.
     resumed = resume(run_uri, opts, log=lambda _: None)

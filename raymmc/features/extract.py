@@ -69,9 +69,11 @@ class ExtractStats:
     image_dropped: int = 0
     caption_dropped: int = 0
     seconds: float = 0.0
-    files_cached: int = 0
+    files_cached: int = 0  # read from a cache: this run's, or (``files_reused`` of them) the model run's
     files_extracted: int = 0
+    files_reused: int = 0
     cache: str = ""
+    reused_cache: str | None = None
     text_encoder: dict[str, Any] = field(default_factory=dict)
     image_encoder: dict[str, Any] = field(default_factory=dict)
     # Per Ray Data stage of this run's job: name, rows, seconds from its first task's start to its last's end.
@@ -375,12 +377,6 @@ def _complete(root: str, shard: Shard, storage: StorageOptions) -> bool:
     return expected == shard.rows
 
 
-def cached_files(root: str, shards: list[Shard], storage: StorageOptions | None) -> list[str]:
-    from raymmc.io.storage import join
-
-    return [join(root, s.key) for s in shards if s.rows > 0]
-
-
 # --- the job ------------------------------------------------------------------------------------
 
 def fit_text_encoder(shards: list[Shard], cfg: TextEncoderConfig, decode: DecodeConfig, seed: int,
@@ -457,22 +453,32 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
                    storage: StorageOptions, has_gpu: bool,
                    modalities: frozenset[str] = frozenset({"image", "text"}),
                    log=print, text_encoder=None, text_identity: str | None = None,
-                   cache_root: str | None = None) -> tuple[list[str], ExtractStats]:
+                   cache_root: str | None = None, reuse_root: str | None = None) -> tuple[list[str], ExtractStats]:
     """Extract features of ``shards`` into the cache under ``cache_uri``, skipping files already
     done. Returns the feature directories (one per non-empty input file) and the stats.
     Encoders of modalities not in ``modalities`` are skipped. ``text_encoder``: an encoder
     already fitted (identified by ``text_identity``) instead of fitting one on these shards.
     ``cache_root``: continue that cache directory (a re-clustering: the previous run's features, made with
-    the same config and with ``text_encoder``, the one fitted there) instead of the fingerprint's."""
+    the same config and with ``text_encoder``, the one fitted there) instead of the fingerprint's.
+    ``reuse_root``: another cache made by these same encoders (`raymmc assign` passes its model run's): a file
+    complete there is read from there, only read, never extracted again (an archive re-assigned as it grows
+    encodes its new files only)."""
     import json
 
-    from raymmc.io.storage import delete_dir, join, write_bytes
+    from raymmc.io.storage import delete_dir, join, scheme_of, write_bytes
 
     t0 = time.time()
     stats = ExtractStats()
     root = cache_root or join(cache_uri, fingerprint(extract_cfg, shards, seed, modalities, text_identity))
-    todo = [s for s in shards if s.rows > 0 and not _complete(root, s, storage)]
+    if reuse_root is not None and scheme_of(reuse_root) != scheme_of(root):
+        # the accounting pass reads every feature file through one filesystem
+        log(f"extract: not reading the model run's features in {reuse_root} (another storage than {root})")
+        reuse_root = None
+    reused = {s.key for s in shards if s.rows > 0 and reuse_root is not None and not _complete(root, s, storage)
+              and _complete(reuse_root, s, storage)}
+    todo = [s for s in shards if s.rows > 0 and s.key not in reused and not _complete(root, s, storage)]
     stats.files_cached = sum(1 for s in shards if s.rows > 0) - len(todo)
+    stats.files_reused, stats.reused_cache = len(reused), reuse_root if reused else None
     stats.files_extracted = len(todo)
     for s in todo:  # a killed run may have left part of a file: redo it whole
         delete_dir(join(root, s.key), storage)
@@ -503,7 +509,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
             write_bytes(join(root, s.key, "_DONE.json"),
                         json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
 
-    dirs = cached_files(root, shards, storage)
+    dirs = [join(reuse_root if s.key in reused else root, s.key) for s in shards if s.rows > 0]
     dims = feature_dims(dirs, storage)
     if "image_feat" in dims:
         stats.image_encoder = ({"model": "precomputed", "dim": dims["image_feat"]} if "image" in pre else
@@ -519,7 +525,8 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     for st in stats.stages:
         rate = f"{st['items_per_s']:.1f} items/s" if st["items_per_s"] else "-"
         log(f"extract stage {st['stage']}: {st['rows']} rows in {st['seconds']:.1f}s ({rate})")
-    log(f"extract: {stats.rows} rows from {len(dirs)} file(s) ({stats.files_cached} cached, "
+    reuse = f", {stats.files_reused} of them from {reuse_root}" if reused else ""
+    log(f"extract: {stats.rows} rows from {len(dirs)} file(s) ({stats.files_cached} cached{reuse}, "
         f"{stats.files_extracted} extracted) in {stats.seconds:.1f}s; "
         f"{stats.image_dropped} image(s) and {stats.caption_dropped} caption(s) unusable")
     return dirs, stats
