@@ -25,6 +25,11 @@ os.environ.setdefault("RAYMMC_PROGRESS", "0")
 # and end. Every Ray process inherits this from the cluster's start. A trivial 2-worker TorchTrainer fit on this
 # 2-core machine (scratch script, 2026-12-07): 12.6 s with the default, 9.6 s at 0.2 s.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray kills idle task workers beyond one per CPU after 1 s: between two of the many short runs of a test session
+# its task workers die, and the next run starts (and imports into) new ones. Kept alive for the session instead:
+# tests/test_columns.py (9 runs) took 113 and 118 s with these, 126 and 140 s without (2026-12-07, alternating).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 # Ray workers inherit the environment of the cluster's start: the S3 test server's (dummy)
 # credentials must be in place before the session's Ray cluster starts.
 # The secret is long and distinctive: a test greps every output for it.
