@@ -21,17 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def load(features: str):
-    if features.endswith(".npz"):
-        from raymmc.cluster.protocols import load_features_npz
-
-        return load_features_npz(features)
-    from raymmc.pipeline import load_run_features
-
-    return load_run_features(features)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import load_any as load  # noqa: E402  (a run directory or an .npz; it puts the repo on sys.path)
 
 
 def fit(task: tuple) -> tuple[np.ndarray, np.ndarray]:

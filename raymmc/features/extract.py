@@ -474,10 +474,11 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         # the accounting pass reads every feature file through one filesystem
         log(f"extract: not reading the model run's features in {reuse_root} (another storage than {root})")
         reuse_root = None
-    reused = {s.key for s in shards if s.rows > 0 and reuse_root is not None and not _complete(root, s, storage)
-              and _complete(reuse_root, s, storage)}
-    todo = [s for s in shards if s.rows > 0 and s.key not in reused and not _complete(root, s, storage)]
-    stats.files_cached = sum(1 for s in shards if s.rows > 0) - len(todo)
+    live = [s for s in shards if s.rows > 0]
+    missing = [s for s in live if not _complete(root, s, storage)]  # one probe per file (a listing on S3)
+    reused = {s.key for s in missing if reuse_root is not None and _complete(reuse_root, s, storage)}
+    todo = [s for s in missing if s.key not in reused]
+    stats.files_cached = len(live) - len(todo)
     stats.files_reused, stats.reused_cache = len(reused), reuse_root if reused else None
     stats.files_extracted = len(todo)
     for s in todo:  # a killed run may have left part of a file: redo it whole
@@ -509,7 +510,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
             write_bytes(join(root, s.key, "_DONE.json"),
                         json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
 
-    dirs = [join(reuse_root if s.key in reused else root, s.key) for s in shards if s.rows > 0]
+    dirs = [join(reuse_root if s.key in reused else root, s.key) for s in live]
     dims = feature_dims(dirs, storage)
     if "image_feat" in dims:
         stats.image_encoder = ({"model": "precomputed", "dim": dims["image_feat"]} if "image" in pre else
