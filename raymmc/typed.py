@@ -17,14 +17,14 @@ _YAML_TRUE = ("on", "yes", "y", "true")
 _YAML_FALSE = ("off", "no", "n", "false")
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``."""
+def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; a mapping for a nested config overrides ``base``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, value, prefix=key + ".", base=base if isinstance(base, tp) else None)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -33,7 +33,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, key)
+                return _coerce(arg, value, key, base)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
@@ -62,13 +62,31 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """``cls`` from ``data``, over ``base`` (an instance of ``cls``) where given. A mapping for a nested config
+    changes only the keys it names: the others keep the value the enclosing field would have had (``base``'s,
+    or the field's own default), not the nested class's defaults. A field whose default differs from its class's
+    (``field(default_factory=lambda: Inner(lr=1e-4))``) keeps that default under a partial override."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in sorted(unknown))}; "
-                          f"valid: {', '.join(prefix + n for n in sorted(names))}")
-    return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in data.items()})
+                          f"valid: {', '.join(prefix + n for n in sorted(fields))}")
+    values = {}
+    for k, v in data.items():
+        inner = None
+        if isinstance(v, dict):  # a nested config: what it overrides
+            inner = getattr(base, k) if base is not None else _field_default(fields[k])
+        values[k] = _coerce(hints[k], v, prefix + k, inner)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 

@@ -52,3 +52,73 @@ def test_the_parquet_reader_is_set_on_every_init(ray_session):
         assert context.use_datasource_v2 is False  # the default: the classic reader
     finally:
         init_ray(RayConfig())
+
+
+def _nested_fields(cls: type, seen: set) -> list:
+    """``(config class, field)`` for every field holding a nested config, in ``cls`` and below."""
+    import dataclasses
+    import typing
+
+    out = []
+    if cls in seen:
+        return out
+    seen.add(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        for sub in inner:
+            out.append((cls, f))
+            out.extend(_nested_fields(sub, seen))
+    return out
+
+
+def test_a_partial_nested_override_keeps_the_fields_own_default():
+    """``cluster.max_iter=150`` must not reset the rest of a nested config to its class's defaults where the
+    enclosing field's default differs from them (a ``default_factory`` with other values)."""
+    import dataclasses
+
+    from raymmc.typed import from_dict
+
+    @dataclasses.dataclass
+    class Inner:
+        optimizer: str = "sgd"
+        lr: float = 0.01
+        max_iter: int = 100
+
+    @dataclasses.dataclass
+    class Outer:
+        name: str = "x"
+        inner: Inner = dataclasses.field(default_factory=lambda: Inner(optimizer="adam", lr=1e-4))
+
+    @dataclasses.dataclass
+    class Top:
+        outer: Outer = dataclasses.field(default_factory=Outer)
+
+    assert from_dict(Outer, {"inner": {"max_iter": 150}}).inner == Inner("adam", 1e-4, 150)
+    assert from_dict(Top, {"outer": {"inner": {"lr": 3e-4}}}).outer.inner == Inner("adam", 3e-4, 100)
+    assert from_dict(Top, {"outer": {"name": "y"}}).outer == Outer("y", Inner("adam", 1e-4, 100))
+    base = Outer("b", Inner("sgd", 0.5, 7))  # over an instance: its values, not the defaults
+    assert from_dict(Outer, {"inner": {"lr": 0.2}}, base=base) == Outer("b", Inner("sgd", 0.2, 7))
+    assert base == Outer("b", Inner("sgd", 0.5, 7))  # left as it was
+
+
+def test_every_config_round_trips_and_an_empty_nested_override_is_the_default():
+    """For the run config and every algorithm's config: ``to_dict`` -> ``from_dict`` gives it back, and
+    overriding any nested config with ``{}`` changes nothing."""
+    import dataclasses
+
+    from raymmc.cluster import registry
+    from raymmc.config import RunConfig
+    from raymmc.typed import from_dict
+
+    roots = [RunConfig] + [registry.config_class(name) for name in registry.available()]
+    checked = 0
+    for root in roots:
+        default = root()
+        assert from_dict(root, dataclasses.asdict(default)) == default
+        for cls, f in _nested_fields(root, set()):
+            if cls is root:
+                assert from_dict(root, {f.name: {}}) == default, f"{root.__name__}.{f.name}"
+                checked += 1
+    assert checked >= 10
