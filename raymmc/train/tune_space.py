@@ -26,12 +26,13 @@ SPACES: dict[str, dict[str, tuple[Spec, tuple[str, ...]]]] = {
         "lam": (["uniform", 0.1, 0.9], ("lam",)),
         "beta": (["loguniform", 0.01, 1.0], ("beta",)),  # alignment (JSD) weight
         "gamma": (["loguniform", 0.01, 1.0], ("gamma",)),  # regulariser weight
-        "lr": (["loguniform", 0.001, 0.05], ("cluster.lr",)),
+        # Adam's (JECL's self-training default); the stamps-icons screen found 3e-5 to 1e-3 usable
+        "lr": (["loguniform", 3e-5, 1e-3], ("cluster.lr",)),
         "latent": (["choice", [10, 16, 32, 64]], ("image_ae.latent", "text_ae.latent")),
         "update_interval": (["choice", [10, 30, 100]], ("cluster.update_interval",)),
     },
     "dec": {
-        "lr": (["loguniform", 0.001, 0.05], ("cluster.lr",)),
+        "lr": (["loguniform", 0.001, 0.05], ("cluster.lr",)),  # SGD's (DEC's default)
         "latent": (["choice", [10, 16, 32, 64]], ("ae.latent",)),
         "update_interval": (["choice", [10, 30, 100]], ("cluster.update_interval",)),
         "noise": (["uniform", 0.0, 0.5], ("ae.noise",)),
