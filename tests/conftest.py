@@ -220,13 +220,13 @@ def bad_archive(tmp_path_factory, tux_items):
             "rejected_id": ids[6], "text_only": ids[1:4], "image_only": ids[4:6]}
 
 
-# The test files in the order of their measured cost, longest first (`pytest --durations=0`, 2-core machine:
-# 173 s down to 29 s). `make test` runs two pytest-xdist workers that take whole files (--dist loadfile), in
-# collection order: started first, the long files run beside each other and the short ones fill the end, so
-# neither worker is left alone with a long file at the end.
-LONGEST_FIRST = ["test_real_archive.py", "test_s3_e2e.py", "test_train_ray.py", "test_recluster.py",
-                 "test_multinode.py", "test_jobs.py", "test_columns.py", "test_faults.py", "test_assign.py",
-                 "test_formats.py", "test_feature_cache.py", "test_run_e2e.py", "test_hostile_input.py"]
+# The test files in the order of their measured cost, longest first (`pytest -n 2 --durations=80`, 2-core
+# machine, 2026-12-07: 314 s down to 33 s a file). `make test` runs two pytest-xdist workers that take whole files
+# (--dist loadfile), in collection order: started first, the long files run beside each other and the short ones
+# fill the end, so neither worker is left alone with a long file at the end.
+LONGEST_FIRST = ["test_train_ray.py", "test_jobs.py", "test_recluster.py", "test_columns.py", "test_s3_e2e.py",
+                 "test_real_archive.py", "test_formats.py", "test_multinode.py", "test_faults.py",
+                 "test_feature_cache.py", "test_hostile_input.py", "test_run_e2e.py", "test_assign.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,11 +24,13 @@ def archive(cache_dir, tmp_path_factory):
 def _run(archive, tmp_path, feature_cache, name: str, algorithm: str, workers: int, extra=()) -> dict:
     uri, n = archive
     # local_max_items=0: k-means is fitted on Ray Train workers for 1 worker too (an archive "above" the cap);
-    # 112-pixel crops: a quarter of the CNN's cost, and the test is about the workers, not the features
+    # 64-pixel crops (a twelfth of the CNN's cost at 224) and TF-IDF captions (no transformer to load): the test is
+    # about the workers, not the features
     code = main(["run", "--input", uri, "--output", str(tmp_path), "--run-name", name, "--algorithm", algorithm,
                  "--clusters", "21", "--workers", str(workers), "--set", "report=false",
-                 "--set", "extract.decode.image_size=112", "--set", "extract.decode.resize=128",
-                 "--set", f"extract.cache={feature_cache}", "--set", "cluster.train.local_max_items=0", *extra])
+                 "--set", "extract.decode.image_size=64", "--set", "extract.decode.resize=72",
+                 "--set", "extract.text.model=tfidf", "--set", f"extract.cache={feature_cache}",
+                 "--set", "cluster.train.local_max_items=0", *extra])
     assert code == 0
     rundir = RunDir(str(tmp_path / name))
     manifest = rundir.read_json("manifest.json")

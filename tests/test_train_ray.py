@@ -96,7 +96,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, features, tmp_path):
 
 
 def test_interrupted_run_resumes(ray_session, bad_archive, feature_cache, tmp_path):
-    """`raymmc run` killed during training; `raymmc run --resume RUN` continues from the checkpoint."""
+    """`raymmc run` killed during training; `raymmc run --resume RUN` continues from the checkpoint. The killed
+    driver is a job of this session's cluster (as under `ray job submit`): Ray ends its actors with it."""
     import json
     import sys
     from pathlib import Path
@@ -104,13 +105,13 @@ def test_interrupted_run_resumes(ray_session, bad_archive, feature_cache, tmp_pa
     from raymmc.cli import main
 
     repo = Path(__file__).resolve().parents[1]
-    sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf", "ray.num_cpus=2",
+    sets = ["cluster.algorithm=jecl", "cluster.clusters=3", "extract.text.model=tfidf",
             "cluster.params.jecl.cluster.max_iter=150", "cluster.params.jecl.cluster.checkpoint_every=1",
             "cluster.params.jecl.image_ae.epochs=6", "cluster.params.jecl.text_ae.epochs=6",
             "cluster.params.jecl.cluster.tol=0", "report=false", f"extract.cache={feature_cache}"]
     cmd = [sys.executable, "-m", "raymmc.cli", "run", "--input", bad_archive["uri"], "--output", str(tmp_path),
            "--run-name", "r"] + [a for s in sets for a in ("--set", s)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, cwd=repo, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     train_dir = tmp_path / "r" / "train" / "r"

@@ -113,6 +113,8 @@ def _actor_rows(dataset, workers: int, batch_rows: int):
     # Ray Data sends tasks to the actor beside their blocks until it has 4 in flight. At least 8 blocks and
     # tasks per actor give every actor work (a split, not a shuffle).
     n = dataset.count()
+    if workers <= 1:  # one actor takes every block: a split would only cost a shuffle stage (2 s on 12 rows)
+        return dataset, max(1, min(batch_rows, n)), n
     if dataset.num_blocks() < 8 * workers:
         # Materialised before the actors start: with every CPU held by a predictor, a repartition task
         # fused upstream of them would wait forever (seen: 2 actors on a 2-CPU node hung the run).
