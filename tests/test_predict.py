@@ -1,4 +1,4 @@
-"""The prediction actor's ``__call__`` on a batch, without a cluster (as Ray's examples test theirs on a
+"""The predictor's ``__call__`` on a batch, without a cluster (as Ray's examples test theirs on a
 ``take_batch``): assignments, notes and the bounded summary each batch carries."""
 
 import functools

@@ -1,6 +1,7 @@
 """Prediction on Ray workers: the fitted model, shared once through the object store, assigns every usable
-row of the feature dataset in a ``map_batches`` actor pool; the workers write the assignments, and each batch
-carries its bounded summary (sizes, label counts, report examples), which is all the driver receives."""
+row of the feature dataset in ``map_batches`` tasks (at most ``workers`` at a time), each worker process building
+the model once; the workers write the assignments, and each batch carries its bounded summary (sizes, label
+counts, report examples), which is all the driver receives."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class ModelSpec:
 
 
 class Predictor:
-    """One per actor: the model is rebuilt from its safetensors state once, then ``__call__`` assigns
-    a batch of feature rows (testable on a ``take_batch`` without a cluster)."""
+    """One per worker process and prediction: the model is rebuilt from its safetensors state once, then
+    ``__call__`` assigns a batch of feature rows (testable on a ``take_batch`` without a cluster)."""
 
     def __init__(self, spec: ModelSpec, state: Any, threads: int = 1, sample: MapSample | None = None,
                  summarize: Callable[[pa.Table], str] | None = None, cluster_ids: list[int] | None = None):
@@ -100,6 +101,34 @@ class Predictor:
         return with_sample(out, keys, mask, vectors)
 
 
+# Per worker process: the last model a prediction task built, under its prediction's key. Prediction runs as
+# tasks, not as an actor pool: Ray keeps its task workers between datasets, so a prediction starts on warm
+# processes (an actor is a new process every time: 2.8 s before its first batch on a 60-row run; the predict stage
+# took 3.8 s every time with actors, 2.6 s and then 0.25 s with tasks once the workers had imported torch), and
+# each process still builds the model once per prediction.
+_MODELS: dict[str, Predictor] = {}
+
+
+def _predict_batch(batch: pa.Table, *, key: str, **predictor_kwargs: Any) -> pa.Table:
+    """One prediction task: the process's Predictor for ``key`` (built on its first batch), on ``batch``."""
+    predictor = _MODELS.get(key)
+    if predictor is None:
+        _MODELS.clear()  # one model per process at a time: an idle worker keeps no more than the last one
+        predictor = _MODELS[key] = Predictor(**predictor_kwargs)
+    return predictor(batch)
+
+
+def _map_predict(dataset, rows: int, workers: int, cpus_per_worker: float, **predictor_kwargs: Any):
+    """``dataset`` mapped by prediction tasks of ``rows`` rows, ``workers`` at a time (the state travels as an
+    object ref inside the kwargs: fetched once per process, by the Predictor)."""
+    import uuid
+
+    return dataset.map_batches(
+        _predict_batch, fn_kwargs={"key": uuid.uuid4().hex, **predictor_kwargs,
+                                   "threads": max(1, int(cpus_per_worker))},
+        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker)
+
+
 def empty_assignments() -> pa.Table:
     return pa.table({"id": pa.array([], pa.string()), "cluster": pa.array([], pa.int64()),
                      "confidence": pa.array([], pa.float32()), "has_image": pa.array([], pa.bool_()),
@@ -107,17 +136,17 @@ def empty_assignments() -> pa.Table:
                      "label": pa.array([], pa.string()), "node": pa.array([], pa.string())})
 
 
-def _actor_rows(dataset, workers: int, batch_rows: int):
-    """``(dataset, rows per batch)`` that give each of ``workers`` actors work."""
-    # A small archive would go to one actor: map_batches bundles blocks up to batch_size rows per task, and
-    # Ray Data sends tasks to the actor beside their blocks until it has 4 in flight. At least 8 blocks and
-    # tasks per actor give every actor work (a split, not a shuffle).
+def _split_rows(dataset, workers: int, batch_rows: int):
+    """``(dataset, rows per batch, rows)`` that give each of ``workers`` concurrent tasks work."""
+    # A small archive would be one task: map_batches bundles blocks up to batch_size rows per task. At least 8
+    # blocks and tasks per worker spread the work (a split, not a shuffle), over nodes too (Ray Data spreads
+    # its tasks).
     n = dataset.count()
-    if workers <= 1:  # one actor takes every block: a split would only cost a shuffle stage (2 s on 12 rows)
+    if workers <= 1:  # one task at a time: a split would only cost a shuffle stage (2 s on 12 rows)
         return dataset, max(1, min(batch_rows, n)), n
     if dataset.num_blocks() < 8 * workers:
-        # Materialised before the actors start: with every CPU held by a predictor, a repartition task
-        # fused upstream of them would wait forever (seen: 2 actors on a 2-CPU node hung the run).
+        # Materialised before the prediction starts: with every CPU held by a predictor, a repartition task
+        # fused upstream of it could wait forever (seen with an actor pool: 2 actors on a 2-CPU node hung the run).
         dataset = dataset.repartition(8 * workers).materialize()
     return dataset, max(1, min(batch_rows, -(-n // (8 * workers)))), n
 
@@ -128,19 +157,16 @@ def predict_clusters(dataset, spec: ModelSpec, state: bytes, *, workers: int = 1
     object store (a re-clustering matches those clusters to the previous run's before writing)."""
     import ray
 
-    dataset, rows, _ = _actor_rows(dataset, workers, batch_rows)
-    return dataset.map_batches(
-        Predictor, fn_constructor_kwargs={"spec": spec, "state": ray.put(state),
-                                          "threads": max(1, int(cpus_per_worker))},
-        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
-    ).select_columns(["id", "cluster"]).materialize()
+    dataset, rows, _ = _split_rows(dataset, workers, batch_rows)
+    return _map_predict(dataset, rows, workers, cpus_per_worker, spec=spec, state=ray.put(state)
+                        ).select_columns(["id", "cluster"]).materialize()
 
 
 def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, filesystem, workers: int = 1,
                       cpus_per_worker: float = 1.0, batch_rows: int = 4096,
                       summarize: Callable[[pa.Table], str] | None = None, map_points: int = 0, seed: int = 0,
                       cluster_ids: list[int] | None = None):
-    """Assign every row of ``dataset`` (usable feature rows) on a pool of ``workers`` actors, write
+    """Assign every row of ``dataset`` (usable feature rows) in tasks, ``workers`` at a time, write
     ``ASSIGNMENT_COLUMNS`` as Parquet under ``out_uri`` from the workers, and return the prediction rows
     (a materialised Ray Dataset). With ``summarize`` (a function of a batch's assignments, labels, captions,
     sources, rows and, on a ``map_points`` sample keyed by ``seed``, embeddings), those rows also carry each
@@ -149,12 +175,9 @@ def predict_and_write(dataset, spec: ModelSpec, state: bytes, out_uri: str, *, f
     import ray
 
     ref = ray.put(state)
-    dataset, rows, n = _actor_rows(dataset, workers, batch_rows)
-    assigned = dataset.map_batches(
-        Predictor, fn_constructor_kwargs={"spec": spec, "state": ref, "threads": max(1, int(cpus_per_worker)),
-                                          "sample": MapSample(map_points, seed, n), "summarize": summarize,
-                                          "cluster_ids": cluster_ids},
-        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker,
-    ).materialize()  # once in the object store: written and counted without predicting twice
+    dataset, rows, n = _split_rows(dataset, workers, batch_rows)
+    assigned = _map_predict(dataset, rows, workers, cpus_per_worker, spec=spec, state=ref,
+                            sample=MapSample(map_points, seed, n), summarize=summarize, cluster_ids=cluster_ids,
+                            ).materialize()  # once in the object store: written and counted without predicting twice
     assigned.select_columns(ASSIGNMENT_COLUMNS).write_parquet(out_uri, filesystem=filesystem)
     return assigned
