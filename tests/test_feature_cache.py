@@ -44,7 +44,8 @@ def _extract(shards, cache, cfg):
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the extraction and every process of its session (its Ray cluster, its workers)."""
+    """SIGKILL the extraction driver and every process of its session (its Ray workers belong to the test
+    session's cluster, which ends the dead job's actors)."""
     subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
     proc.wait(timeout=30)
 
@@ -59,11 +60,12 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     cache = str(tmp_path / "cache")
     root = f"{cache}/{fingerprint(cfg.extract, shards, cfg.seed, used_modalities(cfg))}"
 
-    env = {**os.environ, "RAY_ADDRESS": "", "RAYMMC_PROGRESS": "0"}
-    env.pop("RAY_ADDRESS")
+    # The killed driver is a job of this session's cluster (as under `ray job submit`): Ray ends its actors with it,
+    # and no second cluster starts.
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAYMMC_PROGRESS": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raymmc.cli", "extract", "--input", many_shards, "--output", cache,
-         "--set", "ray.num_cpus=2"] + [a for s in sets for a in ("--set", s)],
+        [sys.executable, "-m", "raymmc.cli", "extract", "--input", many_shards, "--output", cache]
+        + [a for s in sets for a in ("--set", s)],
         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240

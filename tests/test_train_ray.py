@@ -55,7 +55,13 @@ def _fit(ray_session, table, workers, tmp_path, name):
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_exact_shards_cover_every_row_once_in_order(ray_session, world):
-    shards = exact_shards(ray_session.data.range(10, override_num_blocks=4), world)
+    from raymmc.raysession import ordered_execution
+
+    # exact_shards takes the run's materialised, ordered dataset: materialised without preserve_order, the 4 blocks
+    # may come back in any order (seen once as this worker's first test: rows 0, 1, 4, 5, ...)
+    with ordered_execution():
+        dataset = ray_session.data.range(10, override_num_blocks=4).materialize()
+    shards = exact_shards(dataset, world)
     assert sorted(shards) == [f"train_{i}" for i in range(world)]
     parts = [[r["id"] for r in shards[f"train_{i}"].take_all()] for i in range(world)]
     assert sum(parts, []) == list(range(10))
