@@ -70,10 +70,12 @@ class Method:
     note: str = ""
 
 
-def condition_views(data: MultiViewData, mode: str, dims: int, seed: int = 0) -> MultiViewData:
+def condition_views(data: MultiViewData, mode: str, dims: int, seed: int = 0, power: float = 0.5) -> MultiViewData:
     """An experiment for issue 13 (not in the product yet): each view L2-normalised, centred on the mean of the
     items that have it ("center"), and PCA-whitened to ``dims`` dimensions ("whiten", fitted on at most 20,000
-    of them); rows of a missing view stay zeros. The algorithms then prepare their inputs as usual."""
+    of them: each component divided by its standard deviation to ``2 * power``, so 0.5 whitens fully and smaller
+    powers only damp the dominant directions); rows of a missing view stay zeros. The algorithms then prepare
+    their inputs as usual."""
     from dataclasses import replace
 
     from sklearn.decomposition import PCA
@@ -94,8 +96,8 @@ def condition_views(data: MultiViewData, mode: str, dims: int, seed: int = 0) ->
         if mode == "whiten":
             rng = np.random.default_rng(seed)
             fit_rows = present[rng.permutation(len(present))[:20000]]
-            pca = PCA(n_components=min(dims, *fit_rows.shape), whiten=True, random_state=seed).fit(fit_rows)
-            present = pca.transform(present)
+            pca = PCA(n_components=min(dims, *fit_rows.shape), random_state=seed).fit(fit_rows)
+            present = pca.transform(present) / pca.explained_variance_ ** power
         elif mode != "center":
             raise ValueError(f"unknown conditioning {mode!r}")
         full = np.zeros((len(x), present.shape[1]), np.float32)
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--condition", choices=["none", "center", "whiten"], default="none",
                     help="per-view conditioning before every method (an experiment, issue 13)")
     ap.add_argument("--pca-dims", type=int, default=128, help="dimensions kept by --condition whiten")
+    ap.add_argument("--whiten-power", type=float, default=0.5,
+                    help="--condition whiten divides each component by its variance to this power (0.5: full)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -299,15 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         cfgs = (json.loads(args.jecl_config), json.loads(args.dec_config), json.loads(args.dm2c_config))
-        tasks = [(args.features, cfgs, m.name, k, s, args.threads or 1, (args.condition, args.pca_dims))
-                 for m in selected for s in seeds]
+        condition = (args.condition, args.pca_dims, 0, args.whiten_power)
+        tasks = [(args.features, cfgs, m.name, k, s, args.threads or 1, condition) for m in selected for s in seeds]
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
             for name, seed, score, sec in pool.map(_worker_task, tasks):
                 results[name][seed] = (score, sec)
                 if not args.quiet:
                     _log(name, seed, score, sec)
     else:
-        data = condition_views(data, args.condition, args.pca_dims)  # --jobs workers condition their own copy
+        # --jobs workers condition their own copy
+        data = condition_views(data, args.condition, args.pca_dims, 0, args.whiten_power)
         for m in selected:
             for seed in seeds:
                 score, sec = fit_score(m, data, labels, k, seed)
@@ -322,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"features": args.features, "k": k, "rows": rows,
                                                "jecl_config": json.loads(args.jecl_config),
-                                               "condition": args.condition, "pca_dims": args.pca_dims}, indent=1))
+                                               "condition": args.condition, "pca_dims": args.pca_dims,
+                                               "whiten_power": args.whiten_power}, indent=1))
     return 0
 
 
