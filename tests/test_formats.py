@@ -440,6 +440,23 @@ def test_embeddings_readers(tmp_path):
     assert issues[col["null"]] is None and t.column("image_feat").null_count == 3
 
 
+def test_corrupt_parquet_pages_are_named_in_every_parquet_format(tmp_path, items):
+    """img2dataset and vector-column archives read their Parquet through the shards' batch reader: a bad page
+    behind a valid footer fails that file, named, with the row the bad bytes start after."""
+    from test_shards import _corrupt_page
+
+    write_img2dataset(tmp_path / "i2d", items)
+    write_vector_column(tmp_path / "col")
+    for root, name in ((tmp_path / "i2d", "00001.parquet"), (tmp_path / "col", "part-0.parquet")):
+        found = discover_input(str(root))
+        path = root / name
+        last = pq.read_metadata(path).num_columns - 1  # img2dataset's jpg, the vector column
+        _corrupt_page(path, 0, last)
+        with pytest.raises(ShardError, match=rf"{name}: unreadable Parquet data after row 0"):
+            for s in found.shards:
+                list(read_batches(s, None, rows_per_batch=7))
+
+
 def test_vector_column_names():
     """auto: a vector column named for text (text, txt, caption: clip-retrieval's txt_emb) holds text vectors."""
     from raymmc.io.formats.embeddings import vector_columns

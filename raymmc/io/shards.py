@@ -5,7 +5,7 @@ files and checks each one's schema before any work starts."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -174,26 +174,36 @@ def present_counts(shards: list[Shard], options: StorageOptions | None = None) -
     return counts
 
 
-def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
-    """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
-    fs, _ = resolve(uri, storage)
+def parquet_batches(uri: str, fs, path: str, rows_per_batch: int,
+                    columns: Callable[[pa.Schema], list[str]]) -> Iterator[tuple[int, pa.Table]]:
+    """One Parquet input file's rows in batches, each with the row number of its first row; ``columns`` picks the
+    columns to read from the file's schema. Any failure to open or read is raised as ``read_error`` says (the
+    file gone, the store down, or bad bytes, with the row after which they start)."""
     try:
         pf = pq.ParquetFile(path, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:  # deleted since it was listed, the store is down, a bad footer
         raise read_error(uri, fs, path, exc) from exc
-    present = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+    batches = pf.iter_batches(batch_size=rows_per_batch, columns=columns(pf.schema_arrow))
     offset = 0
-    batches = pf.iter_batches(batch_size=rows_per_batch, columns=present)
     while True:
         try:
             rb = next(batches, None)
         except (OSError, pa.ArrowException) as exc:  # a corrupt page behind a valid footer, or the store
             raise read_error(uri, fs, path, exc, after_row=offset) from exc
         if rb is None:
-            break
-        t = conform(pa.Table.from_batches([rb]), ["id", "image", "caption", "label"])
+            return
+        yield offset, pa.Table.from_batches([rb])
+        offset += rb.num_rows
+
+
+def read_file_batches(uri: str, path: str, storage: StorageOptions, rows_per_batch: int) -> Iterator[pa.Table]:
+    """Yield one input file's rows in Arrow batches, with the file URI and row number of each."""
+    fs, _ = resolve(uri, storage)
+    wanted = ["id", "image", "caption", "label"]
+    for offset, t in parquet_batches(uri, fs, path, rows_per_batch, lambda schema: [
+            c for c in wanted if c in schema.names]):
+        t = conform(t, wanted)
         n = t.num_rows
         t = t.append_column("source", pa.array([uri] * n, pa.string()))
         t = t.append_column("row", pa.array(np.arange(offset, offset + n), pa.int64()))
-        offset += n
         yield t

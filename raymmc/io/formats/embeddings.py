@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from raymmc.io.formats.img2dataset import CAPTION_COLUMNS, ID_COLUMNS, pick
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records, text_of
-from raymmc.io.shards import Shard, ShardError, read_error
+from raymmc.io.shards import Shard, ShardError, parquet_batches
 from raymmc.io.storage import StorageOptions, list_files, resolve
 
 NPY_DIRS = {"img_emb": "image", "text_emb": "text"}
@@ -253,19 +253,7 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
     fs, _ = resolve(shard.uri, storage)
     cols = {k: shard.get(k) for k in ("id", "image", "caption", "label", "image_vectors", "text_vectors")}
     wanted = sorted({c for c in cols.values() if c})
-    try:
-        batches = pq.ParquetFile(shard.path, filesystem=fs).iter_batches(batch_size=rows_per_batch, columns=wanted)
-    except (OSError, pa.ArrowException) as exc:
-        raise read_error(shard.uri, fs, shard.path, exc) from exc
-    offset = 0
-    while True:
-        try:
-            rb = next(batches, None)
-        except (OSError, pa.ArrowException) as exc:
-            raise read_error(shard.uri, fs, shard.path, exc, after_row=offset) from exc
-        if rb is None:
-            return
-        t = pa.Table.from_batches([rb])
+    for offset, t in parquet_batches(shard.uri, fs, shard.path, rows_per_batch, lambda _: wanted):
         n = t.num_rows
         ids = [None if v is None else (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                for v in _col(t, cols["id"])]
@@ -291,7 +279,6 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
             notes[issue] = [v or old for v, old in zip(vnotes, notes.get(issue, [None] * n))]
         images = t.column(cols["image"]).cast(pa.binary()).to_pylist() if cols["image"] else [None] * n
         yield records(ids, images, captions, labels, shard.uri, offset, notes=notes, vectors=vectors)
-        offset += n
 
 
 def _col(t: pa.Table, name: str | None) -> list:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records
-from raymmc.io.shards import Shard, ShardError, read_error
+from raymmc.io.shards import Shard, ShardError, parquet_batches
 from raymmc.io.storage import StorageOptions, list_files, resolve
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
@@ -64,21 +64,8 @@ def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> I
     fs, _ = resolve(shard.uri, storage)
     cols = {k: shard.get(k) for k in ("id", "image", "caption", "label", "status", "error")}
     wanted = sorted({c for c in cols.values() if c})
-    try:
-        pf = pq.ParquetFile(shard.path, filesystem=fs)
-        batches = pf.iter_batches(batch_size=rows_per_batch, columns=wanted)
-    except (OSError, pa.ArrowException) as exc:
-        raise read_error(shard.uri, fs, shard.path, exc) from exc
-    offset = 0
-    while True:
-        try:
-            rb = next(batches, None)
-        except (OSError, pa.ArrowException) as exc:
-            raise read_error(shard.uri, fs, shard.path, exc, after_row=offset) from exc
-        if rb is None:
-            return
-        yield convert(pa.Table.from_batches([rb]), cols, shard.uri, offset)
-        offset += rb.num_rows
+    for offset, t in parquet_batches(shard.uri, fs, shard.path, rows_per_batch, lambda _: wanted):
+        yield convert(t, cols, shard.uri, offset)
 
 
 def _values(t: pa.Table, col: str | None, binary: bool = False) -> list:
