@@ -8,7 +8,11 @@ import os
 from raymmc.config import RayConfig
 
 # gensim seeds Doc2Vec inference with hash(): a fixed hash seed in every worker makes it reproducible.
-RUNTIME_ENV = {"env_vars": {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+# RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO: a task or actor given no GPU sees none (CUDA_VISIBLE_DEVICES=""). Ray 2.60
+# leaves the node's GPUs visible to it otherwise, and every "auto" device here (the text encoder actors, the
+# prediction tasks, Ray Train workers with use_gpu off) would put itself on cuda:0 without Ray having reserved it.
+RUNTIME_ENV = {"env_vars": {"PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false",
+                            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}}
 
 
 def init_ray(cfg: RayConfig | None = None) -> dict:

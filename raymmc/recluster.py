@@ -131,6 +131,7 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
         fs, path = resolve(source.path("assignments"), cfg.storage)
         previous = ray.data.read_parquet(path, filesystem=fs).select_columns(["id", "cluster"])
         overlap = assignment_overlap(previous, current, n_rows=prep.usable + int(prev_counts["assigned"]))
+        del current, previous  # their blocks leave the object store before the written prediction fills it
         prev_sizes = {int(c): int(n) for c, n in source.read_json("metrics.json")["cluster_sizes"].items()}
         prev_ids = np.array(sorted(c for c in prev_sizes if c >= 0), dtype=np.int64)
         # a plain run's model numbers its clusters 0..K-1 (an empty one too): fresh ids start above them

@@ -39,12 +39,13 @@ def test_predictor_call_on_a_batch_without_a_cluster():
     predictor = Predictor(ModelSpec("kmeans", 2, {"nredo": 1}, 0), safestate.dumps(model.state_dict()),
                           sample=MapSample(10, 0, batch.num_rows), summarize=functools.partial(block_summary, limits=limits))
     out = predictor(batch)
-    assert set(ASSIGNMENT_COLUMNS) <= set(out.column_names) and out.num_rows == batch.num_rows
+    # the written columns and the summary, nothing per row beside them (label and node are in the summary)
+    assert out.column_names == [*ASSIGNMENT_COLUMNS, "summary"] and out.num_rows == batch.num_rows
     assert out.column("cluster").to_pylist() == model.predict(table_to_multiview(batch)).tolist()
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"  # another test's session
-    assert out.column("note").to_pylist()[0] == "caption: empty" and out.column("node").to_pylist()[0] == node
+    assert out.column("note").to_pylist()[0] == "caption: empty"
     texts = out.column("summary").to_pylist()
     assert texts[0] is not None and texts[1:] == [None] * (batch.num_rows - 1)  # one summary a batch
     summary = ReportSummary.from_json(texts[0])
@@ -57,3 +58,39 @@ def test_predictor_call_on_a_batch_without_a_cluster():
     assert all(len(v) == len(model.embed(table_to_multiview(batch.slice(0, 1)))[0]) for v in embedded.values())
     # An empty batch keeps the schema (the summary column included).
     assert predictor(batch.slice(0, 0)).column_names == out.column_names
+
+
+def test_a_prediction_task_leaves_the_process_thread_count_as_it_found_it():
+    """Prediction tasks share their worker processes with other tasks: torch's thread count is the task's only."""
+    import torch
+
+    from raymmc.train.predict import _MODELS, _predict_batch
+
+    batch = _batch()
+    model = make_clusterer("kmeans", 2, {"nredo": 1}, seed=0).fit(table_to_multiview(batch))
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(1)
+        _MODELS.clear()
+        out = _predict_batch(batch, key="k", spec=ModelSpec("kmeans", 2, {"nredo": 1}, 0),
+                             state=safestate.dumps(model.state_dict()), threads=2)
+        seen.append(torch.get_num_threads())
+        assert out.column("cluster").to_pylist() == model.predict(table_to_multiview(batch)).tolist()
+        assert list(_MODELS) == ["k"]
+    finally:
+        _MODELS.clear()
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
+def test_work_given_no_gpu_sees_no_gpu(ray_session):
+    """Ray 2.60 leaves a node's GPUs visible to a task or actor that asked for none; raymmc's runtime env restores
+    hiding them, so no "auto" device (prediction, text encoders, CPU Train workers) takes a GPU Ray did not give."""
+    import os
+
+    @ray_session.remote(num_gpus=0)
+    def visible() -> str | None:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert ray_session.get(visible.remote()) == ""

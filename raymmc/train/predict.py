@@ -58,7 +58,7 @@ class Predictor:
 
         if batch.num_rows == 0:
             empty = empty_assignments()
-            return empty if self.summarize is None else empty.append_column("summary", pa.array([], pa.string()))
+            return empty if self.summarize is None else self._with_summary(empty, None)
         data = table_to_multiview(batch, self.spec.pixel_channels)
         soft, outlier = self.model.assign(data)
         cluster = soft.argmax(axis=1).astype(np.int64)
@@ -80,8 +80,14 @@ class Predictor:
         })
         if self.summarize is None:
             return out
-        summary = self.summarize(self._report_columns(out, batch))
-        return out.append_column("summary", pa.array([summary] + [None] * (batch.num_rows - 1), pa.string()))
+        return self._with_summary(out, self.summarize(self._report_columns(out, batch)))
+
+    @staticmethod
+    def _with_summary(out: pa.Table, summary: str | None) -> pa.Table:
+        """The written columns and the batch's summary on its first row: the label and node of each row are in the
+        summary, so they do not stay in the object store (at a billion items, the node id alone is 60 GB)."""
+        column = [summary] + [None] * (out.num_rows - 1) if out.num_rows else []
+        return out.select(ASSIGNMENT_COLUMNS).append_column("summary", pa.array(column, pa.string()))
 
     def _report_columns(self, out: pa.Table, batch: pa.Table) -> pa.Table:
         """The batch's assignments with the caption, source and row of each item and the embedding of the rows
@@ -110,12 +116,20 @@ _MODELS: dict[str, Predictor] = {}
 
 
 def _predict_batch(batch: pa.Table, *, key: str, **predictor_kwargs: Any) -> pa.Table:
-    """One prediction task: the process's Predictor for ``key`` (built on its first batch), on ``batch``."""
-    predictor = _MODELS.get(key)
-    if predictor is None:
-        _MODELS.clear()  # one model per process at a time: an idle worker keeps no more than the last one
-        predictor = _MODELS[key] = Predictor(**predictor_kwargs)
-    return predictor(batch)
+    """One prediction task: the process's Predictor for ``key`` (built on its first batch), on ``batch``, with
+    torch's thread count set for the task and restored after it (the process runs other tasks too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        predictor = _MODELS.get(key)
+        if predictor is None:
+            _MODELS.clear()  # one model per process at a time: an idle worker keeps no more than the last one
+            predictor = _MODELS[key] = Predictor(**predictor_kwargs)
+        torch.set_num_threads(max(1, int(predictor_kwargs.get("threads", 1))))
+        return predictor(batch)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _map_predict(dataset, rows: int, workers: int, cpus_per_worker: float, **predictor_kwargs: Any):
@@ -123,10 +137,13 @@ def _map_predict(dataset, rows: int, workers: int, cpus_per_worker: float, **pre
     object ref inside the kwargs: fetched once per process, by the Predictor)."""
     import uuid
 
+    import ray.data
+
     return dataset.map_batches(
         _predict_batch, fn_kwargs={"key": uuid.uuid4().hex, **predictor_kwargs,
                                    "threads": max(1, int(cpus_per_worker))},
-        batch_format="pyarrow", batch_size=rows, concurrency=max(1, workers), num_cpus=cpus_per_worker)
+        batch_format="pyarrow", batch_size=rows, compute=ray.data.TaskPoolStrategy(size=max(1, workers)),
+        num_cpus=cpus_per_worker)
 
 
 def empty_assignments() -> pa.Table:
