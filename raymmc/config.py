@@ -49,6 +49,9 @@ class ExtractConfig:
     # feeding and draining them never run; with 0.5 per task, reads and writes take turns and the output lands
     # at the end instead of streaming. Each task is a process: on big nodes raise cpus_per_task to bound them.
     text_cpus_per_actor: float = 0.5
+    # GPUs per caption encoder actor (a fraction shares one: 0.25 = four actors on a GPU). 0: on the CPU, and the
+    # actor sees no GPU (raymmc.raysession): a transformer encoder is then ~5 ms a caption per core.
+    text_gpus_per_actor: float = 0.0
     cpus_per_task: float = 0.25
     decode_batch_size: int = 64
     # Object-store memory the extraction job may hold in flight (decoded images waiting for an encoder). Ray Data's
@@ -217,3 +220,5 @@ def validate(cfg: RunConfig) -> None:
     for key in ("cpus_per_actor", "text_cpus_per_actor", "cpus_per_task"):
         if not getattr(cfg.extract, key) > 0:
             raise ConfigError(f"extract.{key} must be > 0")
+    if cfg.extract.text_gpus_per_actor < 0:
+        raise ConfigError("extract.text_gpus_per_actor must be >= 0")

@@ -25,6 +25,7 @@ def test_defaults_yaml_values_and_overrides(tmp_path):
     ("cluster.params.jecl.nope=1", "cluster.params.jecl: unknown"),
     ("cluster.params.kmeans.niter=1", "no such algorithm"),
     ("extract.cpus_per_task=0", "extract.cpus_per_task must be > 0"),
+    ("extract.text_gpus_per_actor=-1", "extract.text_gpus_per_actor must be >= 0"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -619,7 +619,7 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
             ds = ds.map_batches(_drop_pixels, batch_format="numpy", num_cpus=task_cpus)
         if text_encoder is not None:
             ds = ds.map_batches(TextEmbedder, batch_size=extract_cfg.text.batch_size, compute=pool,
-                                num_cpus=extract_cfg.text_cpus_per_actor,
+                                num_cpus=extract_cfg.text_cpus_per_actor, num_gpus=extract_cfg.text_gpus_per_actor,
                                 fn_constructor_kwargs={"encoder_ref": ray.put(text_encoder),
                                                        "threads": int(extract_cfg.text_cpus_per_actor)})
         ds = ds.map_batches(to_arrow, batch_format="numpy", num_cpus=task_cpus)
