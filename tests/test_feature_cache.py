@@ -148,3 +148,26 @@ def test_fingerprint_tracks_what_changes_features(many_shards):
     d2v = load_config(overrides=["extract.text.model=doc2vec"]).extract
     assert fingerprint(d2v, shards, 0, both) != fingerprint(d2v, shards[:5], 0, both)  # fitted on the archive
     assert fingerprint(d2v, shards, 0, both) != fingerprint(d2v, shards, 1, both)
+
+
+def test_a_cache_folder_short_of_its_rows_is_an_error_not_a_loss(ray_session, many_shards, tmp_path):
+    """A finished folder (its _DONE.json written) that lost a feature file, as when another run sharing the cache
+    redid that input file while this one finished it: the run stops naming the folder, never clusters fewer rows
+    than the input has; once the folder is deleted, only that file is extracted again."""
+    import shutil
+
+    shards = discover(many_shards)
+    cfg = load_config(overrides=["extract.image.model=none", "extract.text.model=tfidf"])
+    cache = str(tmp_path / "cache")
+    dirs, stats = _extract(shards, cache, cfg)
+    assert stats.rows == 128
+    victim = Path(dirs[3])
+    assert (victim / "_DONE.json").is_file()
+    for f in victim.glob("rows-*.parquet"):
+        f.unlink()
+        break
+    with pytest.raises(RuntimeError, match=rf"{victim}.*holds \d rows of its input file's 8.*Delete that folder"):
+        _extract(shards, cache, cfg)
+    shutil.rmtree(victim)
+    dirs, stats = _extract(shards, cache, cfg)
+    assert stats.rows == 128 and stats.files_extracted == 1 and stats.files_cached == 15

@@ -72,8 +72,10 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, niter: int = 100, nredo: int
     n, d = x.shape
     if n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n}")
-    # One GPU, the first this process sees: under Ray each GPU worker sees only its own (faiss's gpu=True
-    # would use every visible GPU, from every worker at once).
+    # One GPU, the first this process sees (faiss's gpu=True would use every visible GPU). Under Ray Train the
+    # workers of a node see all its GPUs: this runs on rank 0 only (the deep algorithms' start, a short fit on
+    # a sample) and takes the node's first GPU, which may be another worker's; the distributed Lloyd steps place
+    # each worker's index on its own GPU (raymmc.cluster.lloyd).
     gpu = 1 if use_gpu and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 else False
     opts = dict(niter=niter, gpu=gpu, max_points_per_centroid=max(256, -(-n // k)), min_points_per_centroid=1,
                 verbose=False, spherical=False)

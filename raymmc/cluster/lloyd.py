@@ -42,19 +42,21 @@ def shard_sample(x: np.ndarray, priority: np.ndarray, size: int, ops: GlobalOps)
 
 
 class NearestSearch:
-    """Exact nearest-centroid search on one worker: FAISS's flat L2 index, on this worker's own GPU
-    (device 0 of what it sees: Ray gives each GPU worker its own) when faiss has GPUs and ``use_gpu``."""
+    """Exact nearest-centroid search on one worker: FAISS's flat L2 index, on this worker's own GPU when faiss has
+    GPUs and ``use_gpu``: torch's current device, which Ray Train sets per worker (the workers of a node all see
+    the node's GPUs, so device 0 would put every worker's index on one GPU)."""
 
     def __init__(self, d: int, use_gpu: bool = True):
         self.d = d
         self.gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         self._res = faiss.StandardGpuResources() if self.gpu else None
+        self._device = torch.cuda.current_device() if self.gpu and torch.cuda.is_available() else 0
 
     def __call__(self, x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(labels (n,) int64, squared distances (n,) float32)`` of each row's nearest centroid."""
         index = faiss.IndexFlatL2(self.d)
         if self.gpu:
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+            index = faiss.index_cpu_to_gpu(self._res, self._device, index)
         index.add(np.ascontiguousarray(centers, dtype=np.float32))
         dist, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return labels[:, 0].astype(np.int64), np.maximum(dist[:, 0], 0.0)

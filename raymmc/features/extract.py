@@ -505,10 +505,9 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
         ray_stats, stats.nodes = _stream(todo, root, extract_cfg, storage, has_gpu, modalities, use_image,
                                          text_encoder)
         stats.stages = stage_times(ray_stats, sum(s.rows for s in todo))
-    for s in shards:
-        if s.rows > 0 and s in todo:
-            write_bytes(join(root, s.key, "_DONE.json"),
-                        json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
+    for s in todo:  # (todo holds files with rows only)
+        write_bytes(join(root, s.key, "_DONE.json"),
+                    json.dumps({"uri": s.uri, "rows": s.rows, "size": s.size}).encode(), storage)
 
     dirs = [join(reuse_root if s.key in reused else root, s.key) for s in live]
     dims = feature_dims(dirs, storage)
@@ -518,7 +517,7 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     if "text_feat" in dims:
         stats.text_encoder = ({"model": "precomputed", "dim": dims["text_feat"]} if "text" in pre else
                               {"model": extract_cfg.text.model, "dim": dims["text_feat"]})
-    counts = feature_counts(dirs, storage, extract_cfg.cpus_per_task)
+    counts = feature_counts(dirs, storage, extract_cfg.cpus_per_task, expected=[s.rows for s in live])
     stats.rows, stats.with_image, stats.with_text = counts["rows"], counts["with_image"], counts["with_text"]
     stats.image_dropped, stats.caption_dropped = counts["image_dropped"], counts["caption_dropped"]
     stats.seconds = time.time() - t0
@@ -549,9 +548,11 @@ def feature_dims(dirs: list[str], storage: StorageOptions | None) -> dict[str, i
 COUNT_KEYS = ("rows", "with_image", "with_text", "image_dropped", "caption_dropped")
 
 
-def feature_counts(dirs: list[str], storage: StorageOptions | None, cpus_per_task: float = 0.25) -> dict[str, int]:
+def feature_counts(dirs: list[str], storage: StorageOptions | None, cpus_per_task: float = 0.25,
+                   expected: list[int] | None = None) -> dict[str, int]:
     """Rows, rows with an image / a caption, and dropped images / captions over the feature files, counted by
-    one Ray task per file (in-process without Ray): the caller receives five integers per file."""
+    one Ray task per file (in-process without Ray): the caller receives five integers per file. ``expected``: each
+    folder's input rows; a folder holding another number is an error naming it (rows are never lost silently)."""
     import ray
 
     if ray.is_initialized():
@@ -559,11 +560,24 @@ def feature_counts(dirs: list[str], storage: StorageOptions | None, cpus_per_tas
         parts = ray.get([task.remote(d, storage) for d in dirs])
     else:
         parts = [_dir_counts(d, storage) for d in dirs]
+    for d, part, rows in zip(dirs, parts, expected or []):
+        if part["rows"] != rows:
+            # e.g. another run sharing this cache redid the file while this one finished it
+            raise RuntimeError(f"the feature cache {d} holds {part['rows']} rows of its input file's {rows}: "
+                               "another run may have written it at the same time. Delete that folder and re-run "
+                               "(only that file is extracted again)")
     return {k: int(sum(p[k] for p in parts)) for k in COUNT_KEYS}
 
 
 def _dir_counts(d: str, storage: StorageOptions | None) -> dict[str, int]:
-    t = load_features([d], storage, columns=["has_image", "has_text", "image_note", "caption_note"])
+    from raymmc.io.storage import list_files
+
+    fs, _ = resolve(d, storage)
+    cols = ["has_image", "has_text", "image_note", "caption_note"]
+    tables = [pq.read_table(f.path, filesystem=fs, columns=cols) for f in list_files(d, ".parquet", storage)]
+    if not tables:  # a folder that lost its files: zero rows, which the caller's check names
+        return {k: 0 for k in COUNT_KEYS}
+    t = pa.concat_tables(tables)
     has_image = t.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
     has_text = t.column("has_text").to_numpy(zero_copy_only=False).astype(bool)
     # A note on a row that kept the modality (a truncated caption) is not a drop.
@@ -635,7 +649,8 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
         for s in todo:
             if not _complete(root, s, storage):
                 raise RuntimeError(f"feature extraction of {s.uri} did not write all {s.rows} rows")
-        nodes = sorted({n for row in done.select_columns(["nodes"]).take_all() for n in row["nodes"].split(",")})
+        # one row per written file: reduced by Ray Data's aggregation, so the driver receives the few distinct values
+        nodes = sorted({n for v in done.unique("nodes") for n in v.split(",")})
         return done.stats(), nodes
 
 

@@ -100,13 +100,16 @@ def _train_loop(loop_cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     shard = ray.train.get_dataset_shard(f"train_{ctx.get_world_rank()}")
-    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"]))
-    table = concat_blocks(batches)
-    if table.num_rows == 0:
+    table = concat_blocks(list(shard.iter_batches(batch_format="pyarrow", batch_size=loop_cfg["read_batch_rows"])))
+    n_rows = table.num_rows
+    if n_rows == 0:
         raise RuntimeError(f"worker {ctx.get_world_rank()} received no rows; use fewer workers")
     if "index" in table.column_names:  # the shard's rows in input order, however its blocks arrived
-        table = table.sort_by("index")
+        index = table.column("index").to_numpy()
+        if np.any(index[1:] < index[:-1]):  # a sorted copy only when they did not arrive in order
+            table = table.sort_by("index")
     data = table_to_multiview(table, loop_cfg["pixel_channels"])
+    del table  # the fit holds the shard once, as ``data``, not also as Arrow
     ops = TorchDistributedOps()
     world = ctx.get_world_size()
 
@@ -166,7 +169,7 @@ def _train_loop(loop_cfg: dict) -> None:
                 f.write(_serialize(protocol.record(model.name, Phase.DONE, {"model": model.state_dict()}, [], [])))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         nodes = sorted(set(protocol.gather_strings(ray.get_runtime_context().get_node_id(), ops)))
-        ray.train.report({"phase": "done", "rows": int(table.num_rows), "resumed": int(restored is not None),
+        ray.train.report({"phase": "done", "rows": int(n_rows), "resumed": int(restored is not None),
                           "nodes": ",".join(nodes)}, checkpoint=checkpoint)
 
 
@@ -212,7 +215,7 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
     ``resume``: continue from this run's last checkpoint; otherwise old checkpoints of a run of
     the same name are removed first (they belong to another configuration)."""
     import ray
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raymmc.io import storage
@@ -243,7 +246,9 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         # Our filesystem (s3fs with the configured endpoint, the AWS credential chain) rather than Ray's own
         # resolution of the URI, which knows nothing of storage.endpoint_url.
         run_config=RunConfig(name=run_name, storage_path=fs_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=train.max_failures)),
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             # the newest two: a resume needs the last, and a model's checkpoint can be GBs
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=exact_shards(dataset, train.workers),
         dataset_config=DataConfig(datasets_to_split=[]),  # each worker reads its own train_<rank> whole
     )
