@@ -222,3 +222,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"extract.{key} must be > 0")
     if cfg.extract.text_gpus_per_actor < 0:
         raise ConfigError("extract.text_gpus_per_actor must be >= 0")
+    from PIL import Image
+
+    Image.init()
+    known = set(Image.OPEN)  # the formats Pillow can open
+    formats = cfg.extract.decode.formats
+    if not formats or any(not isinstance(f, str) or f not in known for f in formats):
+        raise ConfigError(f"extract.decode.formats must be a list of Pillow format names ({', '.join(sorted(known))}),"
+                          f" got {list(formats)!r}")
+    if "EPS" in formats:
+        raise ConfigError("extract.decode.formats: EPS runs Ghostscript on the archive's bytes; convert such images")

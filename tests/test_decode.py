@@ -54,6 +54,23 @@ def test_garbage_is_rejected(data, expected):
     assert arr is None and expected in reason
 
 
+def test_only_the_allowed_formats_are_parsed():
+    """An EPS item is refused unparsed (Pillow would hand it to Ghostscript); a format left out of
+    ``extract.decode.formats`` is refused, named; the config refuses unknown names and EPS."""
+    from raymmc.config import ConfigError, load_config
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    arr, reason = decode_image(eps, CFG)
+    assert arr is None and reason.startswith("image: undecodable (not one of the formats JPEG, PNG")
+    png = encode(Image.new("RGB", (40, 40), (0, 0, 255)))
+    assert decode_image(png, CFG)[0] is not None
+    arr, reason = decode_image(png, DecodeConfig(image_size=32, resize=36, formats=("JPEG",)))
+    assert arr is None and reason == "image: undecodable (not one of the formats JPEG)"
+    for bad, match in ((["JPEG", "NOPE"], "Pillow format names"), (["PNG", "EPS"], "Ghostscript")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(overrides=[f"extract.decode.formats={bad}"])
+
+
 def test_truncated_png_is_rejected():
     rng = np.random.default_rng(0)
     data = encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))

@@ -164,8 +164,9 @@ def test_mmdc_checkpoints_and_resumes_under_ray_train(ray_session, tmp_path):
     model = make_clusterer("mmdc", 3, params)
     model.load_state_dict(safestate.loads(first))
     assert len(model.predict(table_to_multiview(table))) == n
-    # Epoch checkpoints (after epochs 1-3 of 4) and the final one are all in the run's storage.
-    assert len(list(tmp_path.joinpath("mmdc").rglob("resume.safetensors"))) >= 3
+    # Epoch checkpoints (after epochs 1-3 of 4) and the final one were written; the run's storage keeps the newest
+    # two (cluster checkpoints can be GBs): the last epoch's and the final one.
+    assert len(list(tmp_path.joinpath("mmdc").rglob("resume.safetensors"))) == 2
 
     # As if the run had died right after its last epoch checkpoint (the final one not written): that
     # checkpoint alone in a run's storage, resumed on 2 workers.

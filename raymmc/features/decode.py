@@ -12,6 +12,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 # A truncated file must be an error, not a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.init()  # every plugin registered: Image.open(formats=...) only looks up those already loaded
 
 
 @dataclass
@@ -27,6 +28,10 @@ class DecodeConfig:
     max_caption_chars: int = 20_000
     # Longer ids are rejected: an id is a key users join on, not a payload (and it is written into every output).
     max_id_chars: int = 1024
+    # The image formats Pillow may try on an item's bytes (all it knows otherwise): an EPS item would run
+    # Ghostscript where it is installed, and every extra format is parser code exposed to the archive's bytes.
+    # (JPEG covers multi-picture MPO files too.)
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ICO")
 
 
 def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray | None, str | None]:
@@ -38,7 +43,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray | No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(cfg.formats))
             w, h = img.size
             if w * h > cfg.max_pixels:
                 return None, f"image: decompression bomb guard: {w}x{h} = {w * h} pixels exceeds max_pixels={cfg.max_pixels}"
@@ -51,9 +56,9 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> tuple[np.ndarray | No
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, f"image: decompression bomb guard: {exc}"
     except UnidentifiedImageError:
-        return None, "image: undecodable (not a PNG/JPEG/WebP/... file)"
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-        return None, f"image: corrupt ({exc})"
+        return None, f"image: undecodable (not one of the formats {', '.join(cfg.formats)})"
+    except Exception as exc:  # truncated / corrupt data: whatever a format's parser raises, a note on this row
+        return None, f"image: corrupt ({type(exc).__name__}: {exc})"
     return _resize_crop(img, cfg), None
 
 
