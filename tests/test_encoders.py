@@ -137,3 +137,22 @@ def test_fitted_encoders_learn_from_a_bounded_sample_that_ignores_the_file_layou
     assert caption_sample(one, DecodeConfig(), 40, seed=1, storage=None) != sample
     everything = caption_sample(three, DecodeConfig(), 10_000, seed=0, storage=None)
     assert sorted(everything) == sorted(c for c in caps if c)
+
+
+def test_weights_from_object_storage_use_the_runs_storage_options(s3_bucket, tmp_path):
+    """extract.image.weights=s3://... is read with storage.* (here an S3-compatible server's endpoint), as the
+    archive is: a MinIO endpoint set only in the config reaches the weights too."""
+    import boto3
+
+    from raymmc.io.storage import StorageOptions
+
+    endpoint, bucket = s3_bucket
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").upload_file(
+        str(tmp_path / "r18.pth"), bucket, "weights/r18.pth")
+    model, source = build_image_encoder("resnet18", f"s3://{bucket}/weights/r18.pth",
+                                        StorageOptions(endpoint_url=endpoint, region="us-east-1"))
+    assert source == f"s3://{bucket}/weights/r18.pth"
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])

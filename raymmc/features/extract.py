@@ -208,7 +208,8 @@ def drop_non_finite(batch: dict[str, np.ndarray], feats: np.ndarray, view: str) 
 class ImageEmbedder:
     """Ray Data actor: holds one CNN, encodes the rows that have an image."""
 
-    def __init__(self, model: str, weights: str, half: bool, threads: int = 1, device: str = "auto"):
+    def __init__(self, model: str, weights: str, half: bool, threads: int = 1, device: str = "auto",
+                 storage: StorageOptions | None = None):
         import torch
 
         # Imported here, not at module level: the decode and write tasks unpickle this module's functions,
@@ -216,7 +217,7 @@ class ImageEmbedder:
         from raymmc.features.image import ImageEncoder
 
         torch.set_num_threads(max(1, threads))  # the CPUs Ray reserved for this actor, no more
-        self.encoder = ImageEncoder(model, weights, device=device, half=half)
+        self.encoder = ImageEncoder(model, weights, device=device, half=half, storage=storage)  # s3:// weights too
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
@@ -627,7 +628,7 @@ def _stream(todo: list[Shard], root: str, extract_cfg: Any, storage: StorageOpti
             ds = ds.map_batches(ImageEmbedder, batch_size=img_cfg.batch_size, compute=pool, num_gpus=gpus,
                                 num_cpus=extract_cfg.cpus_per_actor,
                                 fn_constructor_kwargs={"model": img_cfg.model, "weights": img_cfg.weights,
-                                                       "half": img_cfg.half_precision,
+                                                       "half": img_cfg.half_precision, "storage": storage,
                                                        "threads": int(extract_cfg.cpus_per_actor)})
         else:
             ds = ds.map_batches(_drop_pixels, batch_format="numpy", num_cpus=task_cpus)

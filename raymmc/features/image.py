@@ -83,7 +83,8 @@ def resolve_weights(name: str, weights: str) -> str | None:
     return _torchvision_url(name)
 
 
-def _load_state_dict(source: str) -> dict:
+def _load_state_dict(source: str, storage=None) -> dict:
+    """``storage``: the run's StorageOptions (endpoint, region, credentials) for an object-store URI."""
     if source.startswith(("http://", "https://")):
         try:
             return torch.hub.load_state_dict_from_url(source, progress=False, map_location="cpu")
@@ -93,10 +94,10 @@ def _load_state_dict(source: str) -> dict:
                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass its path or s3:// URI as "
                 "extract.image.weights") from exc
     if "://" in source and not source.startswith("file://"):
-        from raymmc.io import storage
+        from raymmc.io import storage as storage_io
 
         with tempfile.NamedTemporaryFile(suffix=".pth") as tmp:
-            tmp.write(storage.read_bytes(source))
+            tmp.write(storage_io.read_bytes(source, storage))
             tmp.flush()
             return torch.load(tmp.name, map_location="cpu", weights_only=True)
     path = source[len("file://"):] if source.startswith("file://") else source
@@ -105,7 +106,7 @@ def _load_state_dict(source: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_image_encoder(name: str, weights: str = "auto") -> tuple[nn.Module, str]:
+def build_image_encoder(name: str, weights: str = "auto", storage=None) -> tuple[nn.Module, str]:
     """The CNN with its classifier removed (outputs pooled features), in eval mode, and where its weights came from."""
     spec = _spec(name)
     source = resolve_weights(name, weights)
@@ -116,7 +117,7 @@ def build_image_encoder(name: str, weights: str = "auto") -> tuple[nn.Module, st
         model = spec.build()
     if source is not None:
         try:
-            model.load_state_dict(_load_state_dict(source))
+            model.load_state_dict(_load_state_dict(source, storage))
         except RuntimeError as exc:
             raise WeightsError(f"weights at {source} do not fit {name}: {exc}") from exc
     setattr(model, spec.head, nn.Identity())
@@ -132,10 +133,10 @@ def pick_device(device: str = "auto") -> torch.device:
 class ImageEncoder:
     """Batches of HxWx3 uint8 arrays -> (n, dim) float32 features."""
 
-    def __init__(self, name: str, weights: str = "auto", device: str = "auto", half: bool = True):
+    def __init__(self, name: str, weights: str = "auto", device: str = "auto", half: bool = True, storage=None):
         self.name = name
         self.device = pick_device(device)
-        model, self.weights_source = build_image_encoder(name, weights)
+        model, self.weights_source = build_image_encoder(name, weights, storage)
         # Half precision and channels_last pay off on GPU tensor cores only.
         self.half = half and self.device.type == "cuda"
         model = model.to(self.device, memory_format=torch.channels_last)
