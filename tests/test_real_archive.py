@@ -35,6 +35,7 @@ def _run(archive, tmp_path, feature_cache, name: str, algorithm: str, workers: i
     rundir = RunDir(str(tmp_path / name))
     manifest = rundir.read_json("manifest.json")
     assert manifest["train"]["workers"] == workers and manifest["counts"]["assigned"] == n
+    assert manifest["train"]["use_gpu"] is False  # resolved from the cluster (no GPU here) and recorded
     return by_id(rundir.read_table("assignments"))
 
 
