@@ -374,18 +374,14 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     storage_path = c.train.storage_path or rundir.path("train")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
-    # use_gpu unset: decided by the cluster as it is now (an autoscaling GPU group may be up or not), so recorded
-    gpus = has_gpu()
-    use_gpu = gpus if c.train.use_gpu is None else c.train.use_gpu
-    log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s){' with a GPU each' if use_gpu else ''}, "
-        f"checkpoints in {storage_path}")
+    log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
     state, report = fit_ray_train(prep.dataset, algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
-                          run_name=name, has_gpu=gpus, resume=resuming, log=log, options=cfg.storage,
+                          run_name=name, has_gpu=has_gpu(), resume=resuming, log=log, options=cfg.storage,
                           pixel_channels=cfg.extract.pixels.channels, warm_start=warm_start)
     model = make_model(cfg)
     model.load_state_dict(safestate.loads(state, where=f"the final checkpoint in {storage_path}"))
-    return model, {"workers": c.train.workers, "use_gpu": bool(use_gpu), "storage_path": storage_path, **report}
+    return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = False) -> RunResult:

@@ -233,7 +233,10 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         log(f"train: resuming from {uri}")
 
     fs, fs_path = storage.resolve(storage_path, options)
+    # use_gpu unset: decided by the cluster as it is now (an autoscaling GPU group may be up or not): reported
     use_gpu = has_gpu if train.use_gpu is None else train.use_gpu
+    if use_gpu:
+        log(f"train: {train.workers} worker(s) with a GPU each")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"algorithm": algorithm, "clusters": clusters, "params": params, "seed": seed,
@@ -257,4 +260,4 @@ def fit_ray_train(dataset, *, algorithm: str, clusters: int, params: Any, seed: 
         raise RuntimeError(f"training {algorithm} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE_FILE), "rb") as f:
-            return f.read(), dict(result.metrics or {})
+            return f.read(), {**(result.metrics or {}), "use_gpu": bool(use_gpu)}
