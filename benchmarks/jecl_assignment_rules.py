@@ -33,12 +33,14 @@ RULES = ("mix", "mix50", "logmix", "kmeans-embed")
 def rules(q: np.ndarray, r: np.ndarray, emb: np.ndarray, hi: np.ndarray, ht: np.ndarray, lam: float,
           latent: int, k: int, seed: int) -> dict[str, np.ndarray]:
     """Each rule's hard assignment from one fit's view assignments ``q``/``r`` and latents ``emb`` = [z, v]."""
+    import torch
     from sklearn.cluster import KMeans
 
-    both, only_image = (hi & ht)[:, None], hi[:, None]
+    from raymmc.cluster.jecl import combine
 
-    def mixed(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
-        return np.where(both, w * a + (1 - w) * b, np.where(only_image, a, b)).argmax(1)
+    def mixed(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:  # JECL's own mixing, at weight w
+        return combine(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(hi), torch.from_numpy(ht),
+                       w).argmax(1).numpy()
 
     eps = 1e-12
     z, v = emb[:, :latent], emb[:, latent:]
