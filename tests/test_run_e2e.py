@@ -24,7 +24,8 @@ def check_accounting(rundir: RunDir, archive: dict) -> tuple[pa.Table, pa.Table]
     assert set(assigned) | {r for r in rejected if r is not None} == set(archive["ids"])
     assert len(assigned) + len(rejected) == archive["n_rows"]
     reasons = {(r["id"], r["reason"]) for r in rejects.to_pylist()}
-    assert (archive["rejected_id"], "image: undecodable (not one of the formats JPEG, PNG, WEBP, GIF, BMP, TIFF, ICO); caption: empty") in reasons
+    assert (archive["rejected_id"], "image: undecodable (not one of the formats JPEG, PNG, WEBP, GIF, BMP, TIFF, ICO); "
+            "caption: empty") in reasons
     dup = [r for r in rejects.to_pylist() if r["id"] == archive["duplicate"]]
     assert len(dup) == 1 and dup[0]["reason"].startswith("duplicate id: first seen in")
     assert dup[0]["source"].endswith("part-00002.parquet")
