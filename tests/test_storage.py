@@ -18,22 +18,59 @@ def test_local_roundtrip_and_listing(tmp_path):
     assert files[0].uri.endswith("a/b/y.parquet")
 
 
-def test_a_writer_killed_mid_file_leaves_nothing_a_reader_sees(tmp_path):
+def test_a_writer_killed_mid_file_leaves_nothing_a_reader_sees(tmp_path, monkeypatch):
     """A feature file's name claims its rows: a half-written one (a killed extraction) must never appear."""
+    import os
+
     uri = str(tmp_path / "rows-000000000000-000000000009.parquet")
-
-    def dies_mid_file(fs, path):
-        with fs.open_output_stream(path) as f:
-            f.write(b"PAR1 half a file")
-        raise KeyboardInterrupt  # the process is killed here
-
-    with pytest.raises(KeyboardInterrupt):
-        storage._publish(uri, None, dies_mid_file)
-    assert list(tmp_path.iterdir()) == []
     table = pa.table({"id": [str(i) for i in range(10)]})
+
+    def killed(src, dst):  # the process dies after writing the bytes, before the rename publishes them
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            storage.write_parquet(uri, table)
+    assert list(tmp_path.iterdir()) == []
     storage.write_parquet(uri, table)
     assert [p.name for p in tmp_path.iterdir()] == ["rows-000000000000-000000000009.parquet"]
     assert pq.read_table(uri).equals(table)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_write_that_fails_leaves_no_file(where, tmp_path, request):
+    """A table that cannot be written (Parquet has no month-day-nano interval) fails before anything is
+    published. Written as a stream, the object store committed the empty object when the writer closed it, and
+    its name claimed rows it did not hold."""
+    if where == "s3":
+        endpoint, bucket = request.getfixturevalue("s3_bucket")
+        opts, root = StorageOptions(endpoint_url=endpoint), f"s3://{bucket}/cache"
+    else:
+        opts, root = None, str(tmp_path)
+    storage.write_bytes(f"{root}/keep.json", b"{}", opts)
+    bad = pa.table({"x": pa.array([(1, 2, 3)], pa.month_day_nano_interval())})
+    with pytest.raises(pa.ArrowNotImplementedError):
+        storage.write_parquet(f"{root}/rows-000000000000-000000000000.parquet", bad, opts)
+    assert [f.uri.rsplit("/", 1)[1] for f in storage.list_files(root, "", opts)] == ["keep.json"]
+
+
+def test_one_object_store_client_per_settings_and_listings_never_stale(s3_bucket):
+    """The S3 client is made once per store settings (not once per call); it caches no listing, so a file written
+    by another process (a Ray worker) shows up in the next listing."""
+    import s3fs
+
+    endpoint, bucket = s3_bucket
+    opts = StorageOptions(endpoint_url=endpoint)
+    uri = f"s3://{bucket}/features"
+    assert storage.resolve(uri, opts)[0] is storage.resolve(f"{uri}/x", StorageOptions(endpoint_url=endpoint))[0]
+    assert storage.resolve(uri, opts)[0] is not storage.resolve(uri, StorageOptions(endpoint_url=endpoint,
+                                                                                    retries=3))[0]
+    storage.write_bytes(f"{uri}/a.parquet", b"1", opts)
+    assert [f.uri for f in storage.list_files(uri, ".parquet", opts)] == [f"{uri}/a.parquet"]
+    other = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    other.pipe_file(f"{bucket}/features/b.parquet", b"2")
+    assert [f.uri for f in storage.list_files(uri, ".parquet", opts)] == [f"{uri}/a.parquet", f"{uri}/b.parquet"]
 
 
 def test_missing_local_input_is_a_clear_error(tmp_path):

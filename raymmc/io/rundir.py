@@ -78,9 +78,9 @@ class RunDir:
 
     def write_parquet(self, name: str, table: pa.Table) -> str:
         """Write ``table`` as the single Parquet file ``<run>/<name>``."""
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        return self.write_bytes(name, sink.getvalue().to_pybytes())
+        uri = self.path(name)
+        storage.write_parquet(uri, table, self.options)
+        return uri
 
     def read_table(self, name: str) -> pa.Table:
         fs, _ = storage.resolve(self.uri, self.options)

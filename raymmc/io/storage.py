@@ -8,6 +8,8 @@ in a pyarrow ``PyFileSystem`` so that one object serves ``pyarrow.parquet`` and
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import posixpath
@@ -78,15 +80,30 @@ def _fsspec_filesystem(scheme: str, options: StorageOptions) -> Any:
         retry = {"retries": {"max_attempts": max(1, options.retries), "mode": "standard"},
                  "connect_timeout": options.connect_timeout}
         # skip_instance_cache: a test or a job that changes the endpoint must not get a stale client.
+        # use_listings_cache=False: the client is reused (``_object_store``), and files written by other processes
+        # (the Ray workers) must show up in its next listing.
         return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs, config_kwargs=retry,
-                                 skip_instance_cache=True)
+                                 skip_instance_cache=True, use_listings_cache=False)
     if scheme in ("gs", "gcs"):
         try:
             import gcsfs
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise StorageError("gs:// URIs need the gcsfs package: pip install gcsfs") from exc
-        return gcsfs.GCSFileSystem(token="anon" if options.anon else None)
+        return gcsfs.GCSFileSystem(token="anon" if options.anon else None, cache_timeout=0)  # (as use_listings_cache)
     raise StorageError(f"unsupported storage scheme {scheme!r}; use a local path, file://, s3:// or gs://")
+
+
+# The environment an object-store client reads when it is made: a client is reused only where all of it is unchanged.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+@functools.lru_cache(maxsize=16)
+def _object_store(scheme: str, options: tuple, env: tuple) -> pafs.FileSystem:
+    # One client per store and settings, not one per call: a new S3 client costs a session, a connection pool and
+    # often a credentials lookup, and a run makes thousands of calls.
+    fs = _fsspec_filesystem(scheme, StorageOptions(*options))
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
@@ -95,8 +112,8 @@ def resolve(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileS
     scheme = scheme_of(uri)
     if scheme == "file":
         return pafs.LocalFileSystem(), _strip(uri)
-    fs = _fsspec_filesystem(scheme, options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), _strip(uri)
+    env = tuple(os.environ.get(k) for k in _CLIENT_ENV)
+    return _object_store(scheme, dataclasses.astuple(options), env), _strip(uri)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -152,23 +169,27 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def _publish(uri: str, options: StorageOptions | None, write: Any) -> None:
-    """Create ``uri`` with ``write(fs, path)`` so that readers never see it half written. An object store
-    publishes an object only when its upload completes (a killed writer leaves nothing); a local or shared file
-    system is written under a hidden temporary name in the same folder (``list_files`` skips dot-files) and then
-    renamed, which is atomic there."""
+def _publish(uri: str, options: StorageOptions | None, data: bytes) -> None:
+    """Create ``uri`` holding ``data`` so that readers never see it half written, even when the writer fails.
+    The bytes are complete before anything is sent: an object store gets them in one ``pipe`` (a single PUT, or
+    a multipart upload completed only after its last part), so an error leaves no object, where a stream's
+    ``close()`` would commit whatever had been written. A local or shared file system is written under a hidden
+    temporary name in the same folder (``list_files`` skips dot-files), flushed to disk (fsync) and then renamed,
+    which is atomic there: a crash of the machine leaves the old file or the whole new one."""
     import uuid
 
     fs, path = resolve(uri, options)
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
     if is_remote(uri):
-        write(fs, path)
+        fs.handler.fs.pipe_file(path, data)  # the fsspec filesystem behind the pyarrow wrapper
         return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        write(fs, tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -176,18 +197,17 @@ def _publish(uri: str, options: StorageOptions | None, write: Any) -> None:
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    def write(fs: pafs.FileSystem, path: str) -> None:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-    _publish(uri, options, write)
+    _publish(uri, options, data)
 
 
 def write_parquet(uri: str, table: Any, options: StorageOptions | None = None) -> None:
     """Write ``table`` (a ``pyarrow.Table``) as one Parquet file, atomically (see ``_publish``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _publish(uri, options, lambda fs, path: pq.write_table(table, path, filesystem=fs))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _publish(uri, options, sink.getvalue().to_pybytes())
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
