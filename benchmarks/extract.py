@@ -122,7 +122,7 @@ def output_timeline(cache: str, t0: float) -> dict:
     (rows written after the first file / time from the first file to the last)."""
     import glob
 
-    files = sorted(glob.glob(os.path.join(cache, "*", "rows-*.parquet")), key=os.path.getmtime)
+    files = sorted(glob.glob(os.path.join(cache, "*", "*", "rows-*.parquet")), key=os.path.getmtime)
     rows = [int(b) - int(a) + 1 for a, b in (os.path.basename(f)[5:-8].split("-") for f in files)]
     times = [os.path.getmtime(f) for f in files]
     span = times[-1] - times[0]

@@ -60,6 +60,10 @@ class ExtractConfig:
     buffer_mb: int | None = 512
     # Feature cache URI (features per input file, reused across runs); None = <output>/features-cache.
     cache: str | None = None
+    # Runs sharing a cache write each file into a folder of their own. A run deletes another run's unfinished
+    # folder only once nothing has been written to it for this long: by then its run is dead (a live one writes a
+    # feature file every few seconds), and until then the folder costs storage only.
+    stale_attempt_hours: float = 24.0
 
 
 @dataclass
@@ -222,6 +226,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"extract.{key} must be > 0")
     if cfg.extract.text_gpus_per_actor < 0:
         raise ConfigError("extract.text_gpus_per_actor must be >= 0")
+    if not cfg.extract.stale_attempt_hours > 0:
+        raise ConfigError("extract.stale_attempt_hours must be > 0 (a live run's folder must never look abandoned)")
     from PIL import Image
 
     Image.init()

@@ -454,14 +454,9 @@ def resume(run_uri: str, storage_options: StorageOptions | None = None,
 def fitted_text_encoder(cfg: RunConfig, cache_root: str):
     """The text encoder a run fitted on its archive (TF-IDF, Doc2Vec), saved beside its features in
     ``cache_root``; None for a pretrained or absent one."""
-    from raymmc.features.extract import TEXT_ENCODER_FILE
-    from raymmc.features.text import FITTED, text_encoder_from_state
-    from raymmc.io import safestate
+    from raymmc.features.extract import saved_text_encoder
 
-    uri = storage.join(cache_root, TEXT_ENCODER_FILE)
-    if cfg.extract.text.model not in FITTED or not storage.exists(uri, cfg.storage):
-        return None
-    return text_encoder_from_state(safestate.loads(storage.read_bytes(uri, cfg.storage), where=uri))
+    return saved_text_encoder(cache_root, cfg.extract.text.model, cfg.storage)
 
 
 def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None = None,

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymmc.config import load_config
-from raymmc.features.extract import (ShardDatasource, _complete, feature_matrix, fingerprint, load_features,
-                                     run_extraction, stage_times)
+from raymmc.features.extract import (DONE_FILE, ShardDatasource, feature_matrix, fingerprint, load_features,
+                                     mark_done, probe_files, run_extraction, stage_times)
 from raymmc.io.shards import discover
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import used_modalities
@@ -43,6 +43,10 @@ def _extract(shards, cache, cfg):
                           has_gpu=False, log=lambda _: None, modalities=used_modalities(cfg))
 
 
+def _complete(root, shard) -> bool:
+    return probe_files(root, [shard], None)[0][0] is not None
+
+
 def _kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL the extraction driver and every process of its session (its Ray workers belong to the test
     session's cluster, which ends the dead job's actors)."""
@@ -70,15 +74,17 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if any(_complete(root, s, None) for s in shards):
+            if any(_complete(root, s) for s in shards):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
     finally:
         _kill_session(proc)
-    done_before = [s for s in shards if _complete(root, s, None)]
+    done_before = [s for s in shards if _complete(root, s)]
     assert 0 < len(done_before) < len(shards), "the kill must land mid-run"
-    mtimes = {p: p.stat().st_mtime_ns for s in done_before for p in Path(root, s.key).glob("rows-*.parquet")}
+    mtimes = {p: p.stat().st_mtime_ns for s in done_before for p in Path(root, s.key).rglob("rows-*.parquet")}
+    killed_attempt = {Path(probe_files(root, [s], None)[0][0]).name for s in done_before}
+    assert len(killed_attempt) == 1 and not any(Path(root, s.key, DONE_FILE).exists() for s in shards)
 
     dirs, stats = _extract(shards, cache, cfg)
     assert stats.files_cached == len(done_before)
@@ -90,7 +96,10 @@ def test_killed_extraction_resumes(ray_session, many_shards, tmp_path):
     assert all(st["rows"] == todo_rows and st["seconds"] > 0 for st in stats.stages)
     # Finished files were not extracted again: their feature files are untouched.
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert all(_complete(root, s, None) for s in shards)
+    # The killed run's finished files were adopted and marked; the rest are in this run's folders.
+    assert all(probe_files(root, [s], None)[0][1] for s in shards)
+    assert {Path(d).name for d, s in zip(dirs, shards) if s in done_before} == killed_attempt
+    assert killed_attempt.isdisjoint(Path(d).name for d, s in zip(dirs, shards) if s not in done_before)
 
     # Identical to an uninterrupted extraction into a fresh cache.
     clean_dirs, _ = _extract(shards, str(tmp_path / "clean"), cfg)
@@ -151,9 +160,8 @@ def test_fingerprint_tracks_what_changes_features(many_shards):
 
 
 def test_a_cache_folder_short_of_its_rows_is_an_error_not_a_loss(ray_session, many_shards, tmp_path):
-    """A finished folder (its _DONE.json written) that lost a feature file, as when another run sharing the cache
-    redid that input file while this one finished it: the run stops naming the folder, never clusters fewer rows
-    than the input has; once the folder is deleted, only that file is extracted again."""
+    """A finished folder (its _DONE.json written) that lost a feature file: the run stops naming the folder, never
+    clusters fewer rows than the input has; once the folder is deleted, only that file is extracted again."""
     import shutil
 
     shards = discover(many_shards)
@@ -162,12 +170,97 @@ def test_a_cache_folder_short_of_its_rows_is_an_error_not_a_loss(ray_session, ma
     dirs, stats = _extract(shards, cache, cfg)
     assert stats.rows == 128
     victim = Path(dirs[3])
-    assert (victim / "_DONE.json").is_file()
+    assert (victim.parent / DONE_FILE).is_file()
     for f in victim.glob("rows-*.parquet"):
         f.unlink()
         break
-    with pytest.raises(RuntimeError, match=rf"{victim}.*holds \d rows of its input file's 8.*Delete that folder"):
+    with pytest.raises(RuntimeError, match=rf"{victim}.*holds \d rows of its input file's 8.*changed after it was "
+                                           "written. Delete that folder"):
         _extract(shards, cache, cfg)
     shutil.rmtree(victim)
+    encoder = victim.parent.parent / "text_encoder.safetensors"  # fitted on the archive by the first run
+    stamp = encoder.stat().st_mtime_ns
     dirs, stats = _extract(shards, cache, cfg)
+    assert encoder.stat().st_mtime_ns == stamp  # reused, not fitted again: one encoder for every file's captions
     assert stats.rows == 128 and stats.files_extracted == 1 and stats.files_cached == 15
+    assert probe_files(str(victim.parent.parent), [shards[3]], None) == [(dirs[3], True)]  # the new folder marked
+
+
+def _feature_file(folder: Path, first: int, last: int, age_s: float = 0.0) -> Path:
+    """A feature file (a real Parquet) named for rows first..last, last written ``age_s`` ago."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = folder / f"rows-{first:012d}-{last:012d}.parquet"
+    pq.write_table(pa.table({"row": list(range(first, last + 1))}), f)
+    t = time.time() - age_s
+    os.utime(f, (t, t))
+    os.utime(folder, (t, t))
+    return f
+
+
+def test_probe_adopts_marks_and_sweeps_attempt_folders(many_shards, tmp_path):
+    """Each run writes a file's features into a folder of its own. The probe reads the folder _DONE.json names,
+    adopts a folder that holds every row without a mark (a killed run's), ignores partial ones, and deletes
+    another run's folder only once nothing has written to it for the stale age, never the chosen one; the first
+    mark wins."""
+    shards = discover(many_shards)[:4]  # 8 rows each
+    root = tmp_path / "fp"
+    day = 24 * 3600
+    a, b, c, d = (root / s.key for s in shards)
+    # a: marked folder "old" (older than the stale age: kept, it is the marked one), a dead partial and a live one
+    _feature_file(a / "old", 0, 7, age_s=3 * day)
+    (a / DONE_FILE).write_text('{"attempt": "old", "rows": 8}')
+    _feature_file(a / "dead", 0, 3, age_s=2 * day)
+    _feature_file(a / "live", 0, 3, age_s=60)
+    # b: a killed run wrote every row in two files without marking; a dead empty folder beside it
+    _feature_file(b / "killed", 0, 3, age_s=2 * day)
+    _feature_file(b / "killed", 4, 7, age_s=2 * day)
+    (b / "empty").mkdir()
+    os.utime(b / "empty", (time.time() - 2 * day,) * 2)
+    # c: only partial folders (a gap: rows 4-5 missing), one dead; d: nothing at all
+    _feature_file(c / "gap", 0, 3, age_s=60)
+    _feature_file(c / "gap", 6, 7, age_s=60)
+    _feature_file(c / "dead", 0, 3, age_s=2 * day)
+
+    # Only read (a reused cache): nothing deleted.
+    assert probe_files(str(root), shards, None) == [(str(a / "old"), True), (str(b / "killed"), False),
+                                                    (None, False), (None, False)]
+    assert (a / "dead").exists() and (c / "dead").exists()
+    # Sweeping: the dead folders go, the marked, the adopted and the live ones stay.
+    assert probe_files(str(root), shards, None, stale_s=day) == [(str(a / "old"), True), (str(b / "killed"), False),
+                                                                 (None, False), (None, False)]
+    assert sorted(p.name for p in a.iterdir()) == [DONE_FILE, "live", "old"]
+    assert sorted(p.name for p in b.iterdir()) == ["killed"]
+    assert sorted(p.name for p in c.iterdir()) == ["gap"]
+
+    # A mark naming a folder that is gone, or another row count, is no mark.
+    (c / DONE_FILE).write_text('{"attempt": "gone", "rows": 8}')
+    assert probe_files(str(root), shards[2:3], None) == [(None, False)]
+    _feature_file(c / "redone", 0, 7)  # ...and the run that extracts the file again replaces it
+    assert mark_done(str(root), shards[2:3], [str(c / "redone")], None) == [str(c / "redone")]
+    assert probe_files(str(root), shards[2:3], None) == [(str(c / "redone"), True)]
+
+    # The first mark wins: a second run that finished the same file keeps reading its own folder, unmarked.
+    assert mark_done(str(root), shards[1:2], [str(b / "killed")], None) == [str(b / "killed")]
+    _feature_file(b / "second", 0, 7)
+    assert mark_done(str(root), shards[1:2], [str(b / "second")], None) == []
+    assert probe_files(str(root), shards[1:2], None) == [(str(b / "killed"), True)]
+
+
+def test_a_run_beside_another_writing_the_same_file(ray_session, many_shards, tmp_path):
+    """Another run sharing the cache is writing one of the files (its folder holds part of the rows, written just
+    now): this run neither reads, clears nor finishes that folder; it extracts the file into its own and marks it."""
+    shards = discover(many_shards)
+    cfg = load_config(overrides=["extract.image.model=none", "extract.text.model=tfidf"])
+    cache = tmp_path / "cache"
+    root = cache / fingerprint(cfg.extract, shards, cfg.seed, used_modalities(cfg))
+    other = _feature_file(root / shards[5].key / "19700101T000000Z-other", 0, 2)
+    dirs, stats = _extract(shards, str(cache), cfg)
+    assert stats.rows == 128 and stats.files_extracted == 16
+    assert other.exists() and [p.name for p in other.parent.iterdir()] == [other.name]
+    assert Path(dirs[5]).parent == other.parent.parent and Path(dirs[5]) != other.parent
+    assert str(Path(dirs[5]).name) in (root / shards[5].key / DONE_FILE).read_text()
+    table = load_features(dirs, columns=["id"])
+    assert table.num_rows == 128 and len(set(zip(table.column("source").to_pylist(),
+                                                 table.column("row").to_pylist()))) == 128
