@@ -16,7 +16,7 @@ from raymmc.cluster.base import MultiViewData
 from raymmc.config import ConfigError, RunConfig
 from raymmc.features.extract import load_features, run_extraction
 from raymmc.io import storage
-from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
+from raymmc.io.rundir import RunDir, StageTimer, check_run_location, open_run, package_versions
 from raymmc.io.formats import discover_input
 from raymmc.io.storage import StorageOptions
 from raymmc.report.metrics import evaluate_contingency
@@ -374,6 +374,13 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     storage_path = c.train.storage_path or rundir.path("train")
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
+    if c.train.storage_path:
+        # A shared checkpoint folder: runs of one name under different outputs (every sweep's "best") must not
+        # resume from, or delete, each other's checkpoints. The run folder is one run's (open_run), so its URI is.
+        import hashlib
+
+        where = rundir.uri.rstrip("/") if storage.is_remote(rundir.uri) else os.path.abspath(rundir.uri)
+        name = f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
     state, report = fit_ray_train(prep.dataset, algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,
@@ -381,7 +388,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
                           pixel_channels=cfg.extract.pixels.channels, warm_start=warm_start)
     model = make_model(cfg)
     model.load_state_dict(safestate.loads(state, where=f"the final checkpoint in {storage_path}"))
-    return model, {"workers": c.train.workers, "storage_path": storage_path, **report}
+    return model, {"workers": c.train.workers, "storage_path": storage_path, "experiment": name, **report}
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = False) -> RunResult:
@@ -402,10 +409,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print, resuming: bool = Fal
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, algorithm=algorithm, params=params))
         extra["algorithm_choice"] = {"algorithm": algorithm, "why": why}
     used_modalities(cfg)  # config errors before any work
-    name = cfg.run_name or f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
-    check_run_location(cfg.output, name)
+    rundir = open_run(cfg.output, cfg.run_name, f"{cfg.cluster.algorithm}-{started.strftime('%Y%m%d-%H%M%S')}",
+                      cfg.storage, command="run", resuming=resuming)
+    name = rundir.name
     cfg = dataclasses.replace(cfg, input=input_uri, run_name=name)
-    rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
     # Written first, so that an interrupted run can be resumed (`raymmc run --resume`).
     rundir.write_json("config.json", cfg.to_dict())
 
@@ -470,8 +477,7 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
     from raymmc.config import from_dict
 
     started = _dt.datetime.now(_dt.timezone.utc)
-    name = run_name or f"assign-{started.strftime('%Y%m%d-%H%M%S')}"
-    check_run_location(output, name)  # before anything is read
+    check_run_location(output, run_name)  # before anything is read
     source = RunDir(model_run, storage_options)
     src_manifest = source.read_json("manifest.json")
     cfg = from_dict(RunConfig, src_manifest["config"])
@@ -481,7 +487,8 @@ def assign(model_run: str, input_uri: str, output: str, *, run_name: str | None 
         cfg = dataclasses.replace(cfg, archive=dataclasses.replace(cfg.archive, format=input_format))
     seed_everything(cfg.seed)
     timer = StageTimer()
-    rundir = RunDir(storage.join(output, name), cfg.storage).create()
+    rundir = open_run(output, run_name, f"assign-{started.strftime('%Y%m%d-%H%M%S')}", cfg.storage,
+                      command="assign")
 
     cache = src_manifest["features"]["cache"]
     text_encoder = fitted_text_encoder(cfg, cache)

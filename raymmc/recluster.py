@@ -24,7 +24,7 @@ from raymmc.cluster.assignment import stable_cluster_ids
 from raymmc.config import ConfigError, RunConfig, from_dict, validate, with_overrides
 from raymmc.features.text import FITTED
 from raymmc.io import storage
-from raymmc.io.rundir import RunDir, StageTimer, check_run_location
+from raymmc.io.rundir import RunDir, StageTimer, check_run_location, open_run
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import (MODEL_FILE, RunResult, fit_model, fitted_text_encoder, load_model, make_model,
                              model_params, prepare, save_model, seed_everything, train_nodes, write_manifest,
@@ -79,14 +79,16 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
     prev_manifest, cfg = previous_config(RunDir(previous_run, storage_options), overrides, storage_options)
     previous_cfg = from_dict(RunConfig, prev_manifest["config"])
     source = RunDir(previous_run, cfg.storage)  # the previous run's storage settings unless given
-    name = run_name or f"recluster-{started.strftime('%Y%m%d-%H%M%S')}"
     input_uri = input_uri or prev_manifest["inputs"]["uri"]
-    cfg = dataclasses.replace(cfg, input=input_uri, output=output, run_name=name)
+    cfg = dataclasses.replace(cfg, input=input_uri, output=output, run_name=run_name)
     validate(cfg)
-    check_run_location(output, name)
+    check_run_location(output, run_name)
     seed_everything(cfg.seed)
     timer = StageTimer()
-    rundir = RunDir(storage.join(output, name), cfg.storage).create()
+    rundir = open_run(output, run_name, f"recluster-{started.strftime('%Y%m%d-%H%M%S')}", cfg.storage,
+                      command="recluster")
+    name = rundir.name
+    cfg = dataclasses.replace(cfg, run_name=name)
     rundir.write_json("config.json", cfg.to_dict())
     # marks the directory as a re-clustering: `raymmc run --resume` must not continue it as a plain run
     rundir.write_json("recluster.json", {"previous_run": previous_run, "overrides": list(overrides or []),

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from raymmc.config import ConfigError, RunConfig
 from raymmc.io import storage
-from raymmc.io.rundir import RunDir, StageTimer, check_run_location, package_versions
+from raymmc.io.rundir import RunDir, StageTimer, check_run_location, open_run, package_versions
 
 SCORE_COLUMNS = ("score", "silhouette", "calinski_harabasz", "agreement", "silhouette_agreement", "agreed_silhouette",
                  "stability", "nmi", "acc", "ari")
@@ -154,12 +154,14 @@ def tune(cfg: RunConfig, clusters: str | int | None = None, log: Callable[[str],
     seed_everything(cfg.seed)
     timer = StageTimer()
     started = _dt.datetime.now(_dt.timezone.utc)
-    name = cfg.run_name or f"tune-{algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
-    check_run_location(cfg.output, name)
+    default_name = f"tune-{algorithm}-{started.strftime('%Y%m%d-%H%M%S')}"
+    check_run_location(cfg.output, cfg.run_name)
+    mlflow_callbacks(settings, default_name)  # before any work: mlflow may be missing
     input_uri = cfg.input or demo_input(cfg, log)
+    rundir = open_run(cfg.output, cfg.run_name, default_name, cfg.storage, command="tune")
+    name = rundir.name
     cfg = dataclasses.replace(cfg, input=input_uri, run_name=name)
-    callbacks = mlflow_callbacks(settings, name)  # before any work: mlflow may be missing
-    rundir = RunDir(storage.join(cfg.output, name), cfg.storage).create()
+    callbacks = mlflow_callbacks(settings, name)
     rundir.write_json("config.json", {**cfg.to_dict(), "tune_clusters": [lo, hi]})
 
     prep = prepare(cfg, input_uri, rundir, timer, log)

@@ -86,6 +86,48 @@ def test_cli_refuses_an_escaping_run_name_before_any_work(tmp_path, capsys):
     assert "run name '../x'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_folder_belongs_to_one_run(where, tmp_path, request):
+    """Two jobs given one --run-name must not mix their outputs in one folder: of writers racing for it exactly one
+    wins, the others are refused naming the owner; default names get a suffix instead; an earlier run's folder
+    without a claim (config.json) is refused too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raymmc.io.rundir import CLAIM_FILE, RunFolderTaken, open_run
+    from raymmc.io.storage import StorageOptions
+
+    if where == "s3":
+        endpoint, bucket = request.getfixturevalue("s3_bucket")
+        output, opts = f"s3://{bucket}/runs", StorageOptions(endpoint_url=endpoint)
+    else:
+        output, opts = str(tmp_path / "runs"), None
+
+    def claim(_):
+        try:
+            return open_run(output, "nightly", "unused", opts, command="run").uri
+        except RunFolderTaken as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(claim, range(8)))
+    won = [r for r in results if isinstance(r, str)]
+    assert len(won) == 1 and won[0].endswith("/runs/nightly")
+    assert all(isinstance(r, RunFolderTaken) and "`raymmc run` started" in str(r) and "--resume" in str(r)
+               for r in results if not isinstance(r, str))
+    assert RunDir(won[0], opts).read_json(CLAIM_FILE)["command"] == "run"
+
+    # default names: same second, another suffix each
+    names = [open_run(output, None, "kmeans-20261208-001530", opts, command="run").name for _ in range(3)]
+    assert names == ["kmeans-20261208-001530", "kmeans-20261208-001530-2", "kmeans-20261208-001530-3"]
+
+    # a folder written before claims existed
+    RunDir(f"{output}/old", opts).write_json("config.json", {})
+    with pytest.raises(RunFolderTaken, match="earlier run's config.json"):
+        open_run(output, "old", "unused", opts, command="assign")
+    # resuming: the folder the run already owns
+    assert open_run(output, "nightly", "unused", opts, command="run", resuming=True).uri == won[0]
+
+
 class _NaNEncoder:
     """A caption encoder whose output for some captions is not finite (a degenerate model or fp16 overflow)."""
 

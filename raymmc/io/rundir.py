@@ -57,11 +57,46 @@ def check_run_location(output: str, run_name: str | None) -> None:
         raise RunLocationError(f"output {output!r}: '..' segments are not allowed (write the prefix itself)")
 
 
+CLAIM_FILE = "_RUN.json"  # written once, exclusively, by the run that owns the folder
+NAME_TRIES = 100  # default names tried (name, name-2, ... name-100) when runs start in the same second
+
+
+class RunFolderTaken(RunLocationError):
+    """The run folder already belongs to another run."""
+
+
+def open_run(output: str, run_name: str | None, default_name: str, options: StorageOptions | None = None, *,
+             command: str, resuming: bool = False) -> "RunDir":
+    """The run folder ``<output>/<name>``, claimed for this run: a run never writes into another's folder (two
+    jobs given the same ``--run-name``, or started in the same second with default names, would otherwise mix
+    their outputs). A given name that is taken is an error naming its owner; a default name that is taken gets a
+    suffix (``-2``, ``-3``, ...). ``resuming``: the folder of the interrupted run, which it already owns."""
+    check_run_location(output, run_name)
+    if resuming:
+        return RunDir(storage.join(output, run_name), options)
+    names = [run_name] if run_name else [default_name] + [f"{default_name}-{i}" for i in range(2, NAME_TRIES + 1)]
+    for name in names:
+        rundir = RunDir(storage.join(output, name), options)
+        owner = rundir.claim(command)
+        if owner is None:
+            return rundir
+    if run_name:
+        raise RunFolderTaken(f"{rundir.uri} already holds a run ({owner}); choose another --run-name, or continue "
+                             f"an interrupted `raymmc run` with `raymmc run --resume {rundir.uri}`")
+    raise RunFolderTaken(f"{NAME_TRIES} run folders named {default_name}[-N] under {output} are taken; "
+                         "pass --run-name")
+
+
 class RunDir:
     def __init__(self, uri: str, options: StorageOptions | None = None):
         self.uri = uri
         self.options = options
         self.stage_seconds: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        """The run's name: the folder's last segment."""
+        return self.uri.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
 
     def path(self, *parts: str) -> str:
         return storage.join(self.uri, *parts)
@@ -69,6 +104,28 @@ class RunDir:
     def create(self) -> "RunDir":
         storage.makedirs(self.uri, self.options)
         return self
+
+    def claim(self, command: str) -> str | None:
+        """Make this folder this run's (see :func:`open_run`): None if it now is, else a description of the run
+        that holds it. A folder written before claims existed counts as held if it has a run's config or manifest.
+        """
+        import datetime as _dt
+        import json
+        import os
+        import socket
+
+        if self.exists("config.json") or self.exists("manifest.json"):
+            return "an earlier run's config.json / manifest.json is there"
+        claim = {"command": command, "host": socket.gethostname(), "pid": os.getpid(),
+                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if storage.create_exclusive(self.path(CLAIM_FILE), json.dumps(claim).encode(), self.options):
+            self.create()
+            return None
+        try:
+            held = self.read_json(CLAIM_FILE)
+            return f"`raymmc {held.get('command')}` started {held.get('started')} on {held.get('host')}"
+        except Exception:  # unreadable: still taken
+            return f"its {CLAIM_FILE} is there"
 
     def write_table(self, name: str, table: pa.Table, part: str = "part-00000.parquet") -> str:
         """Write ``table`` as ``<run>/<name>/<part>``."""

@@ -210,6 +210,32 @@ def write_parquet(uri: str, table: Any, options: StorageOptions | None = None) -
     _publish(uri, options, sink.getvalue().to_pybytes())
 
 
+def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = None) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there; False if something is. Of two writers racing, one
+    wins: locally by ``O_EXCL``; on S3 by a conditional PUT (``If-None-Match: *``, which AWS S3, MinIO and moto
+    honour; a store that ignores it is guarded only by the existence check before the PUT); on other object stores
+    by that check alone."""
+    fs, path = resolve(uri, options)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    if exists(uri, options):
+        return False
+    try:
+        fs.handler.fs.pipe_file(path, data, **({"mode": "create"} if scheme_of(uri) in ("s3", "s3a") else {}))
+    except FileExistsError:
+        return False
+    return True
+
+
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = resolve(uri, options)
     try:
