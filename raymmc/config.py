@@ -177,9 +177,16 @@ def validate(cfg: RunConfig) -> None:
         if name not in ALGORITHMS or name in ("kmeans", "auto"):
             raise ConfigError(f"cluster.params.{name}: no such algorithm (use cluster.kmeans for k-means)")
         try:
-            make_config(name, params)  # the algorithm's own typed config checks keys and values
+            algo_cfg = make_config(name, params)  # the algorithm's own typed config checks keys and values
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cluster.params.{name}: {exc}") from exc
+        # A Ray Train worker given no GPU sees none (raymmc.raysession), and one given a GPU must use it: caught
+        # here once, not as a worker failure retried max_failures times, or a GPU reserved and left idle.
+        device, use_gpu = str(getattr(algo_cfg, "device", "auto")), cfg.cluster.train.use_gpu
+        if name == cfg.cluster.algorithm and cfg.cluster.train.mode != "local" and use_gpu is not None and (
+                device != "auto" and device.startswith("cuda") != use_gpu):
+            raise ConfigError(f"cluster.params.{name}.device={device} contradicts cluster.train.use_gpu={use_gpu}: "
+                              "leave the device 'auto' (it follows use_gpu) or make them agree")
     try:
         check_run_location(cfg.output, cfg.run_name)
     except RunLocationError as exc:

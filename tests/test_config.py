@@ -26,10 +26,26 @@ def test_defaults_yaml_values_and_overrides(tmp_path):
     ("cluster.params.kmeans.niter=1", "no such algorithm"),
     ("extract.cpus_per_task=0", "extract.cpus_per_task must be > 0"),
     ("extract.text_gpus_per_actor=-1", "extract.text_gpus_per_actor must be >= 0"),
+    ("extract.stale_attempt_hours=0", "extract.stale_attempt_hours must be > 0"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])
+
+
+def test_a_device_that_contradicts_use_gpu_is_refused_before_any_worker_starts():
+    def cfg(*sets):
+        return load_config(overrides=["cluster.algorithm=jecl", *sets])
+
+    with pytest.raises(ConfigError, match="device=cpu contradicts cluster.train.use_gpu=True"):
+        cfg("cluster.params.jecl.device=cpu", "cluster.train.use_gpu=true")
+    with pytest.raises(ConfigError, match="device=cuda:0 contradicts cluster.train.use_gpu=False"):
+        cfg("cluster.params.jecl.device=cuda:0", "cluster.train.use_gpu=false")
+    # agreeing, 'auto', another algorithm's params, or an in-process fit: accepted
+    cfg("cluster.params.jecl.device=cuda", "cluster.train.use_gpu=true")
+    cfg("cluster.params.jecl.device=auto", "cluster.train.use_gpu=false")
+    cfg("cluster.params.dec.device=cuda", "cluster.train.use_gpu=false")
+    cfg("cluster.params.jecl.device=cpu", "cluster.train.use_gpu=true", "cluster.train.mode=local")
 
 
 def test_yaml_booleans_name_the_choice_the_user_wrote():
