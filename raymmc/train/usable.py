@@ -58,18 +58,23 @@ def _id_rejects(batch: pa.Table) -> pa.Table:
     return rejects.append_column("duplicate", pa.array(np.zeros(rejects.num_rows, dtype=bool)))
 
 
+def _global_index(batch: pa.Table, offsets: dict[str, int]) -> np.ndarray:
+    """Each row's index in the archive: its file's offset + its row, vectorised over the batch's few files."""
+    sources = batch.column("source").combine_chunks().dictionary_encode()
+    base = np.array([offsets[v] for v in sources.dictionary.to_pylist()], dtype=np.int64)
+    return base[sources.indices.to_numpy(zero_copy_only=False)] + batch.column("row").to_numpy().astype(np.int64)
+
+
 def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: dict[str, int],
             duplicate_refs: list) -> pa.Table:
-    dup = _duplicate_keys(tuple(duplicate_refs)) if duplicate_refs else frozenset()
     reasons = row_reasons(batch, modalities, decode)
     ok = pc.and_(pc.is_null(reasons.column("id_problem")), pc.is_null(reasons.column("unusable"))).to_numpy(
         zero_copy_only=False)
-    sources, rows = batch.column("source").to_pylist(), batch.column("row").to_pylist()
-    if dup:
-        ok &= np.array([(s, int(r)) not in dup for s, r in zip(sources, rows)], dtype=bool)
+    index = _global_index(batch, offsets)
+    if duplicate_refs:
+        ok &= ~np.isin(index, _duplicate_index(tuple(duplicate_refs), offsets))
     keep = np.flatnonzero(ok)
-    index = np.array([offsets[sources[i]] + int(rows[i]) for i in keep], dtype=np.int64)
-    return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index))
+    return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index[keep]))
 
 
 def reject_counts(rejects) -> tuple[int, int]:
@@ -83,18 +88,19 @@ def reject_counts(rejects) -> tuple[int, int]:
     return sum(int(r["duplicates"]) for r in rows), sum(int(r["missing"]) for r in rows)
 
 
-_DUPLICATES: dict[tuple, frozenset] = {}
+_DUPLICATES: dict[tuple, np.ndarray] = {}
 
 
-def _duplicate_keys(refs: tuple) -> frozenset:
-    """The duplicates' (source, row) keys, fetched once per worker process."""
+def _duplicate_index(refs: tuple, offsets: dict[str, int]) -> np.ndarray:
+    """The duplicates' archive indices, sorted int64 (8 bytes each, where (source, row) tuples cost ~150), fetched
+    once per worker process."""
     import ray
 
     if refs not in _DUPLICATES:
         tables = ray.get(list(refs))
         _DUPLICATES.clear()
-        _DUPLICATES[refs] = frozenset((s, int(r)) for t in tables for s, r in zip(
-            t.column("source").to_pylist(), t.column("row").to_pylist()))
+        parts = [_global_index(t, offsets) for t in tables if t.num_rows]
+        _DUPLICATES[refs] = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
     return _DUPLICATES[refs]
 
 
