@@ -357,6 +357,17 @@ def train_nodes(train_report: dict) -> list[str]:
     return [ray.get_runtime_context().get_node_id()]
 
 
+def train_experiment(name: str, run_uri: str) -> str:
+    """The Ray Train experiment of a run whose checkpoints go to a shared ``cluster.train.storage_path``: runs of one
+    name under different outputs (every sweep's "best") must not resume from, or delete, each other's checkpoints.
+    The run folder is one run's (``open_run``), so a hash of its URI tells them apart; a resumed run gets its own
+    again, however its local output was written."""
+    import hashlib
+
+    where = run_uri.rstrip("/") if storage.is_remote(run_uri) else os.path.abspath(run_uri)
+    return f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
 def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Callable[[str], None],
               resuming: bool = False, warm_start: bytes | None = None):
     """Fit in-process, or data-parallel under Ray Train (cluster.train); ``warm_start``: a previous model's
@@ -375,12 +386,7 @@ def fit_model(cfg: RunConfig, prep: Prepared, rundir: RunDir, name: str, log: Ca
     if not storage.is_remote(storage_path):
         storage_path = os.path.abspath(storage_path)
     if c.train.storage_path:
-        # A shared checkpoint folder: runs of one name under different outputs (every sweep's "best") must not
-        # resume from, or delete, each other's checkpoints. The run folder is one run's (open_run), so its URI is.
-        import hashlib
-
-        where = rundir.uri.rstrip("/") if storage.is_remote(rundir.uri) else os.path.abspath(rundir.uri)
-        name = f"{name}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+        name = train_experiment(name, rundir.uri)
     log(f"train: {c.algorithm} on {c.train.workers} Ray Train worker(s), checkpoints in {storage_path}")
     state, report = fit_ray_train(prep.dataset, algorithm=c.algorithm, clusters=c.clusters,
                           params=model_params(cfg), seed=cfg.seed, train=c.train, storage_path=storage_path,

@@ -128,6 +128,17 @@ def test_a_run_folder_belongs_to_one_run(where, tmp_path, request):
     assert open_run(output, "nightly", "unused", opts, command="run", resuming=True).uri == won[0]
 
 
+def test_runs_of_one_name_keep_apart_in_a_shared_checkpoint_folder(tmp_path, monkeypatch):
+    from raymmc.pipeline import train_experiment
+
+    monkeypatch.chdir(tmp_path)
+    a, b = train_experiment("best", "runs/sweep-a/best"), train_experiment("best", "runs/sweep-b/best")
+    assert a != b and a.startswith("best-") and b.startswith("best-")
+    assert train_experiment("best", str(tmp_path / "runs/sweep-a/best")) == a  # the same folder written another way
+    assert train_experiment("best", "s3://bkt/a/best/") == train_experiment("best", "s3://bkt/a/best")
+    assert train_experiment("best", "s3://bkt/a/best") != train_experiment("best", "s3://bkt/b/best")
+
+
 class _NaNEncoder:
     """A caption encoder whose output for some captions is not finite (a degenerate model or fp16 overflow)."""
 

@@ -60,7 +60,8 @@ def test_everything_lands_in_the_bucket(s3_run, bad_archive):
     manifest = rundir.read_json("manifest.json")
     assert all(f["uri"].startswith(f"s3://{bucket}/in/") for f in manifest["inputs"]["files"])
     assert rundir.read_json("metrics.json")["n_assigned"] == bad_archive["n_rows"] - 3  # dup, no id, nothing usable
-    assert manifest["train"]["storage_path"] == f"{run_uri}/train"
+    assert manifest["train"]["storage_path"] == f"{run_uri}/train" and manifest["train"]["experiment"] == "jecl"
+    assert rundir.read_json("_RUN.json")["command"] == "run"  # the folder claimed by the conditional PUT
     cache = manifest["features"]["cache"]
     assert cache.startswith(f"s3://{bucket}/runs/features-cache/")
     assert storage.exists(f"{cache}/text_encoder.safetensors", opts)
