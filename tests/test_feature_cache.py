@@ -201,50 +201,57 @@ def _feature_file(folder: Path, first: int, last: int, age_s: float = 0.0) -> Pa
 
 def test_probe_adopts_marks_and_sweeps_attempt_folders(many_shards, tmp_path):
     """Each run writes a file's features into a folder of its own. The probe reads the folder _DONE.json names,
-    adopts a folder that holds every row without a mark (a killed run's), ignores partial ones, and deletes
-    another run's folder only once nothing has written to it for the stale age, never the chosen one; the first
-    mark wins."""
-    shards = discover(many_shards)[:4]  # 8 rows each
+    adopts a folder that holds every row without a mark (a killed run's), ignores partial ones, and deletes a
+    partial folder only once nothing has written to it for the stale age; a complete folder is never deleted (a
+    run may be reading it). The first mark wins, and a run that finished second switches to the marked folder."""
+    shards = discover(many_shards)[:5]  # 8 rows each
     root = tmp_path / "fp"
     day = 24 * 3600
-    a, b, c, d = (root / s.key for s in shards)
-    # a: marked folder "old" (older than the stale age: kept, it is the marked one), a dead partial and a live one
+    a, b, c, d, e = (root / s.key for s in shards)
+    # a: marked folder "old" (older than the stale age: kept, it is the marked one), a dead partial, a live one,
+    # and an old complete one (a run that lost the race to mark: kept, it may still be read)
     _feature_file(a / "old", 0, 7, age_s=3 * day)
     (a / DONE_FILE).write_text('{"attempt": "old", "rows": 8}')
     _feature_file(a / "dead", 0, 3, age_s=2 * day)
     _feature_file(a / "live", 0, 3, age_s=60)
-    # b: a killed run wrote every row in two files without marking; a dead empty folder beside it
+    _feature_file(a / "loser", 0, 7, age_s=2 * day)
+    # b: a killed run wrote every row in two files without marking; a dead empty folder and a stray file beside it
     _feature_file(b / "killed", 0, 3, age_s=2 * day)
     _feature_file(b / "killed", 4, 7, age_s=2 * day)
+    (b / "killed" / "rows-1-x.parquet").write_bytes(b"not ours")
     (b / "empty").mkdir()
     os.utime(b / "empty", (time.time() - 2 * day,) * 2)
     # c: only partial folders (a gap: rows 4-5 missing), one dead; d: nothing at all
     _feature_file(c / "gap", 0, 3, age_s=60)
     _feature_file(c / "gap", 6, 7, age_s=60)
     _feature_file(c / "dead", 0, 3, age_s=2 * day)
+    # e: a file of a cache written before attempt folders (its rows under the key, a mark without an attempt)
+    _feature_file(e, 0, 7, age_s=3 * day)
+    (e / DONE_FILE).write_text('{"uri": "x", "rows": 8, "size": 1}')
 
+    expected = [(str(a / "old"), True), (str(b / "killed"), False), (None, False), (None, False), (str(e), True)]
     # Only read (a reused cache): nothing deleted.
-    assert probe_files(str(root), shards, None) == [(str(a / "old"), True), (str(b / "killed"), False),
-                                                    (None, False), (None, False)]
+    assert probe_files(str(root), shards, None) == expected
     assert (a / "dead").exists() and (c / "dead").exists()
-    # Sweeping: the dead folders go, the marked, the adopted and the live ones stay.
-    assert probe_files(str(root), shards, None, stale_s=day) == [(str(a / "old"), True), (str(b / "killed"), False),
-                                                                 (None, False), (None, False)]
-    assert sorted(p.name for p in a.iterdir()) == [DONE_FILE, "live", "old"]
+    # Sweeping: the dead partial folders go; the marked, adopted, complete and live ones stay.
+    assert probe_files(str(root), shards, None, stale_s=day) == expected
+    assert sorted(p.name for p in a.iterdir()) == [DONE_FILE, "live", "loser", "old"]
     assert sorted(p.name for p in b.iterdir()) == ["killed"]
     assert sorted(p.name for p in c.iterdir()) == ["gap"]
+    assert sorted(p.name for p in e.iterdir()) == [DONE_FILE, "rows-000000000000-000000000007.parquet"]
 
-    # A mark naming a folder that is gone, or another row count, is no mark.
-    (c / DONE_FILE).write_text('{"attempt": "gone", "rows": 8}')
-    assert probe_files(str(root), shards[2:3], None) == [(None, False)]
+    # A mark naming a folder that is gone, another row count, or not a mark at all, is no mark...
+    for text in ('{"attempt": "gone", "rows": 8}', '{"attempt": "gap", "rows": 9}', "{not json", "[1]"):
+        (c / DONE_FILE).write_text(text)
+        assert probe_files(str(root), shards[2:3], None) == [(None, False)]
     _feature_file(c / "redone", 0, 7)  # ...and the run that extracts the file again replaces it
     assert mark_done(str(root), shards[2:3], [str(c / "redone")], None) == [str(c / "redone")]
     assert probe_files(str(root), shards[2:3], None) == [(str(c / "redone"), True)]
 
-    # The first mark wins: a second run that finished the same file keeps reading its own folder, unmarked.
+    # The first mark wins: a second run that finished the same file reads the marked folder from then on.
     assert mark_done(str(root), shards[1:2], [str(b / "killed")], None) == [str(b / "killed")]
     _feature_file(b / "second", 0, 7)
-    assert mark_done(str(root), shards[1:2], [str(b / "second")], None) == []
+    assert mark_done(str(root), shards[1:2], [str(b / "second")], None) == [str(b / "killed")]
     assert probe_files(str(root), shards[1:2], None) == [(str(b / "killed"), True)]
 
 

@@ -374,36 +374,41 @@ def new_attempt() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def _key_listing(fs: pafs.FileSystem, key_path: str) -> tuple[dict[str, list[pafs.FileInfo]], bool]:
-    """The attempt folders under one file key (name -> the files in it, dot-files included) and whether
-    ``_DONE.json`` is there; one listing."""
-    import posixpath
+ROWS_FILE = re.compile(r"rows-(\d+)-(\d+)\.parquet")
+LEGACY = ""  # the "attempt" of a cache written before attempt folders (FEATURE_FORMAT 2): files under the key itself
 
+
+def _key_listing(fs: pafs.FileSystem, key_path: str) -> tuple[dict[str, list[pafs.FileInfo]], bool]:
+    """The attempt folders under one file key (name -> the files in it, dot-files included; LEGACY -> the feature
+    files directly under the key) and whether ``_DONE.json`` is there; one listing."""
     infos = fs.get_file_info(pafs.FileSelector(key_path, recursive=True, allow_not_found=True))
     attempts: dict[str, list[pafs.FileInfo]] = {}
     done = False
     prefix = key_path.rstrip("/") + "/"
     for i in infos:
-        rel = i.path[len(prefix):] if i.path.startswith(prefix) else posixpath.basename(i.path)
-        head, _, rest = rel.partition("/")
-        if not rest:
-            done = done or (head == DONE_FILE and i.type == pafs.FileType.File)
-            if i.type == pafs.FileType.Directory:
-                attempts.setdefault(head, [])
+        if not i.path.startswith(prefix):
             continue
-        attempts.setdefault(head, [])
-        if i.type == pafs.FileType.File:
-            attempts[head].append(i)
+        head, _, rest = i.path[len(prefix):].partition("/")
+        if rest:
+            attempts.setdefault(head, [])
+            if i.type == pafs.FileType.File:
+                attempts[head].append(i)
+        elif i.type == pafs.FileType.Directory:
+            attempts.setdefault(head, [])
+        elif head == DONE_FILE:
+            done = True
+        elif ROWS_FILE.fullmatch(head):
+            attempts.setdefault(LEGACY, []).append(i)
     return attempts, done
 
 
 def _covers(files: list[pafs.FileInfo], rows: int) -> bool:
-    """Whether feature files named ``rows-<first>-<last>.parquet`` cover rows 0..rows-1 exactly once."""
+    """Whether feature files named ``rows-<first>-<last>.parquet`` cover rows 0..rows-1 exactly once (other names
+    are ignored)."""
     import posixpath
 
-    names = [posixpath.basename(f.path) for f in files]
-    ranges = sorted(tuple(int(x) for x in n[5:-8].split("-")) for n in names
-                    if n.startswith("rows-") and n.endswith(".parquet"))
+    ranges = sorted((int(m[1]), int(m[2])) for m in (ROWS_FILE.fullmatch(posixpath.basename(f.path)) for f in files)
+                    if m)
     expected = 0
     for first, last in ranges:
         if first != expected:
@@ -419,14 +424,30 @@ def _newest(files: list[pafs.FileInfo]) -> float:
     return max(f.mtime.timestamp() for f in files)
 
 
+def _read_mark(fs: pafs.FileSystem, path: str) -> dict:
+    """A ``_DONE.json``; {} where it is unreadable or not a mark (a cache anyone can write to is not trusted)."""
+    import json
+
+    try:
+        with fs.open_input_stream(path) as f:
+            mark = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
+def _folder(root: str, key: str, attempt: str) -> str:
+    return join_uri(root, key, attempt) if attempt != LEGACY else join_uri(root, key)
+
+
 def probe_files(root: str, shards: list[Shard], storage: StorageOptions | None, stale_s: float | None = None,
                 now: float | None = None) -> list[tuple[str | None, bool]]:
     """For each of ``shards``, the attempt folder under ``root`` that holds all its rows and whether it is marked:
     the one its ``_DONE.json`` names (marked), else one that wrote every row without marking it (a killed run's);
-    None where there is none. ``stale_s``: also delete the attempt folders nothing has written to for that long
-    (never the chosen one; None: delete nothing, as for a cache only read). One filesystem and one listing per
-    file: run by a Ray task per group of files (:func:`_in_groups`)."""
-    import json
+    None where there is none. A marked file of a cache written before attempt folders is read where it is.
+    ``stale_s``: also delete the *partial* attempt folders nothing has written to for that long (a killed run's;
+    a complete folder is never deleted: a run may be reading it); None: delete nothing, as for a cache only read.
+    One filesystem and one listing per file: run by a Ray task per group of files (:func:`_in_groups`)."""
     import posixpath
 
     fs, base = resolve(root, storage)
@@ -437,40 +458,50 @@ def probe_files(root: str, shards: list[Shard], storage: StorageOptions | None, 
         attempts, done = _key_listing(fs, key_path)
         chosen, marked = None, False
         if done:
-            with fs.open_input_stream(posixpath.join(key_path, DONE_FILE)) as f:
-                mark = json.loads(f.read())
-            if mark.get("rows") == shard.rows and mark.get("attempt") in attempts:
-                chosen, marked = mark["attempt"], True
+            mark = _read_mark(fs, posixpath.join(key_path, DONE_FILE))
+            named = mark.get("attempt", LEGACY if "rows" in mark else None)  # (a mark without one: the old layout)
+            if mark.get("rows") == shard.rows and isinstance(named, str) and named in attempts and (
+                    named != LEGACY or _covers(attempts[LEGACY], shard.rows)):
+                chosen, marked = named, True
         if chosen is None:
-            chosen = next((a for a in sorted(attempts) if _covers(attempts[a], shard.rows)), None)
+            chosen = next((a for a in sorted(attempts) if a != LEGACY and _covers(attempts[a], shard.rows)), None)
         if stale_s is not None:
             for a, files in attempts.items():
-                if a != chosen and now - _newest(files or [fs.get_file_info(posixpath.join(key_path, a))]) > stale_s:
+                if a in (chosen, LEGACY) or _covers(files, shard.rows):
+                    continue
+                if now - _newest(files or [fs.get_file_info(posixpath.join(key_path, a))]) > stale_s:
                     fs.delete_dir(posixpath.join(key_path, a))
-        found.append((join_uri(root, shard.key, chosen) if chosen else None, marked))
+        found.append((_folder(root, shard.key, chosen) if chosen is not None else None, marked))
     return found
 
 
 def mark_done(root: str, shards: list[Shard], attempt_dirs: list[str], storage: StorageOptions | None) -> list[str]:
-    """Write each file's ``_DONE.json`` naming its attempt folder (after its rows were counted), unless another run
-    sharing the cache marked that file first: then its folder stays the one later runs read, and this run goes on
-    reading its own (both hold every row). Returns the folders marked by this call."""
+    """Mark each file done with a ``_DONE.json`` naming its attempt folder (after its rows were counted), created
+    exclusively. Where another run sharing the cache marked the file first, its folder is the one every later run
+    reads, and this run switches to it too (both hold every row). Returns, per file, the folder to read."""
     import json
     import posixpath
 
+    from raymmc.io.storage import create_exclusive
+
     fs, base = resolve(root, storage)
-    marked = []
+    chosen = []
     for shard, d in zip(shards, attempt_dirs):
-        done = posixpath.join(base, shard.key, DONE_FILE)
-        if fs.get_file_info(done).type != pafs.FileType.NotFound:
-            with fs.open_input_stream(done) as f:
-                named = json.loads(f.read()).get("attempt")
-            if named and fs.get_file_info(posixpath.join(base, shard.key, named)).type != pafs.FileType.NotFound:
-                continue  # another run's mark, on a folder that is there
-        mark = {"attempt": d.rstrip("/").rsplit("/", 1)[1], "uri": shard.uri, "rows": shard.rows, "size": shard.size}
-        write_bytes(join_uri(root, shard.key, DONE_FILE), json.dumps(mark).encode(), storage)
-        marked.append(d)
-    return marked
+        attempt = d.rstrip("/").rsplit("/", 1)[1]
+        mark = json.dumps({"attempt": attempt, "uri": shard.uri, "rows": shard.rows, "size": shard.size}).encode()
+        uri = join_uri(root, shard.key, DONE_FILE)
+        if create_exclusive(uri, mark, storage):
+            chosen.append(d)
+            continue
+        other = _read_mark(fs, posixpath.join(base, shard.key, DONE_FILE))
+        named = other.get("attempt")
+        if (isinstance(named, str) and named and other.get("rows") == shard.rows
+                and fs.get_file_info(posixpath.join(base, shard.key, named)).type == pafs.FileType.Directory):
+            chosen.append(join_uri(root, shard.key, named))  # another run's mark, on a folder that is there
+        else:  # a mark naming a folder that is gone, or not a mark: this run's complete folder replaces it
+            write_bytes(uri, mark, storage)
+            chosen.append(d)
+    return chosen
 
 
 def _in_groups(fn: Any, root: str, shards: list[Shard], extra: list | None, storage: StorageOptions | None,
@@ -658,7 +689,9 @@ def run_extraction(shards: list[Shard], cache_uri: str, *, extract_cfg: Any, see
     # Marked only now, with every row counted: a mark certifies a complete folder. Adopted attempts (a killed run's,
     # complete but unmarked) are marked too.
     unmarked = adopted + todo
-    _in_groups(mark_done, root, unmarked, [found[s.key] for s in unmarked], storage, task_cpus)
+    found.update(zip((s.key for s in unmarked),
+                     _in_groups(mark_done, root, unmarked, [found[s.key] for s in unmarked], storage, task_cpus)))
+    dirs = [found[s.key] for s in live]
     stats.rows, stats.with_image, stats.with_text = counts["rows"], counts["with_image"], counts["with_text"]
     stats.image_dropped, stats.caption_dropped = counts["image_dropped"], counts["caption_dropped"]
     stats.seconds = time.time() - t0
