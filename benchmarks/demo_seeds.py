@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -35,6 +36,7 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
+        shutil.rmtree(os.path.join(output, f"seed{seed}"), ignore_errors=True)  # an earlier invocation's run
         cfg = load_config(overrides=args.overrides, values={
             "input": args.input, "output": output, "run_name": f"seed{seed}", "seed": seed, "report": False,
             "cluster": {"algorithm": args.algorithm, "clusters": args.clusters}})

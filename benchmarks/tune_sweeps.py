@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec, k in zip(args.input, args.clusters):
         name, uri = spec.split("=", 1)
         run_name = f"{name}-{args.algorithm}-k{k.replace(':', '-')}"
+        if (Path(args.output) / run_name).exists():  # this benchmark's own earlier sweep: a run folder is one run's
+            print(f"replacing {Path(args.output) / run_name}", flush=True)
+            shutil.rmtree(Path(args.output) / run_name)
         cmd = [sys.executable, "-m", "raymmc.cli", "tune", "--input", uri, "--output", args.output, "--run-name",
                run_name, "--algorithm", args.algorithm, "--clusters", k, "--trials", str(args.trials),
                *sum((["--set", o] for o in args.overrides), [])]

@@ -81,8 +81,9 @@ def open_run(output: str, run_name: str | None, default_name: str, options: Stor
         if owner is None:
             return rundir
     if run_name:
-        raise RunFolderTaken(f"{rundir.uri} already holds a run ({owner}); choose another --run-name, or continue "
-                             f"an interrupted `raymmc run` with `raymmc run --resume {rundir.uri}`")
+        raise RunFolderTaken(f"{rundir.uri} already holds a run ({owner}); choose another --run-name, delete that "
+                             "folder if its run failed and is not wanted, or continue an interrupted `raymmc run` "
+                             f"with `raymmc run --resume {rundir.uri}`")
     raise RunFolderTaken(f"{NAME_TRIES} run folders named {default_name}[-N] under {output} are taken; "
                          "pass --run-name")
 

@@ -94,8 +94,9 @@ def _fsspec_filesystem(scheme: str, options: StorageOptions) -> Any:
 
 
 # The environment an object-store client reads when it is made: a client is reused only where all of it is unchanged.
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-               "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
+               "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 @functools.lru_cache(maxsize=16)
@@ -213,8 +214,8 @@ def write_parquet(uri: str, table: Any, options: StorageOptions | None = None) -
 def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = None) -> bool:
     """Create ``uri`` holding ``data`` only if nothing is there; False if something is. Of two writers racing, one
     wins: locally by ``O_EXCL``; on S3 by a conditional PUT (``If-None-Match: *``, which AWS S3, MinIO and moto
-    honour; a store that ignores it is guarded only by the existence check before the PUT); on other object stores
-    by that check alone."""
+    honour; a store that ignores it is guarded only by the existence check before the PUT); on GCS by gcsfs's
+    create mode (a generation precondition)."""
     fs, path = resolve(uri, options)
     if not is_remote(uri):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -230,9 +231,15 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = Non
     if exists(uri, options):
         return False
     try:
-        fs.handler.fs.pipe_file(path, data, **({"mode": "create"} if scheme_of(uri) in ("s3", "s3a") else {}))
+        fs.handler.fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
+    except OSError:
+        # s3fs reports some refusals of the condition (a 412 without its header, a 409 conflict) as OSError:
+        # lost the race if the object is there now
+        if exists(uri, options):
+            return False
+        raise
     return True
 
 
