@@ -27,6 +27,7 @@ def test_defaults_yaml_values_and_overrides(tmp_path):
     ("extract.cpus_per_task=0", "extract.cpus_per_task must be > 0"),
     ("extract.text_gpus_per_actor=-1", "extract.text_gpus_per_actor must be >= 0"),
     ("extract.stale_attempt_hours=0", "extract.stale_attempt_hours must be > 0"),
+    ("cluster.params.jecl.init_image_weight=1", "init_image_weight must be in \\(0, 1\\)"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):
