@@ -156,7 +156,8 @@ def prepare(cfg: RunConfig, input_uri: str, rundir: RunDir, timer: StageTimer, l
             text_encoder=text_encoder, text_identity=text_identity, cache_root=cache_root, reuse_root=reuse_root)
     rundir.write_json("features.json", {"cache": stats.cache, "dirs": feature_dirs})
     with timer("account"):
-        files = [f.path for d in feature_dirs for f in list_files(d, ".parquet", cfg.storage)]
+        files = [f.path for listed in storage.in_threads(lambda d: list_files(d, ".parquet", cfg.storage),
+                                                          feature_dirs) for f in listed]  # a listing per input file
         offsets, total = {}, 0
         for shard in shards:  # the global index of a row: its position in the input
             offsets[shard.uri] = total

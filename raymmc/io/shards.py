@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.fs  # noqa: F401  (pa.fs)
 import pyarrow.parquet as pq
 
-from raymmc.io.storage import StorageError, StorageOptions, list_files, resolve
+from raymmc.io.storage import StorageError, StorageOptions, in_threads, list_files, resolve
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -100,14 +100,16 @@ def discover(uri: str, options: StorageOptions | None = None) -> list[Shard]:
     if not entries:
         raise ShardError(f"{uri}: no .parquet files found")
     fs, _ = resolve(uri, options)
-    shards = []
-    for e in entries:
+
+    def footer(e):
         try:
             meta = pq.read_metadata(e.path, filesystem=fs)
             schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowInvalid) as exc:
             raise ShardError(f"{e.uri}: not a readable Parquet file ({exc})") from exc
-        shards.append(Shard(e.uri, e.path, e.size, meta.num_rows, check_schema(schema, e.uri), e.mtime_ns))
+        return Shard(e.uri, e.path, e.size, meta.num_rows, check_schema(schema, e.uri), e.mtime_ns)
+
+    shards = in_threads(footer, entries)  # one footer read per file: many at once
     if sum(s.rows for s in shards) == 0:
         raise ShardError(f"{uri}: all {len(shards)} Parquet file(s) are empty (0 rows)")
     return shards
@@ -153,12 +155,11 @@ def conform(table: pa.Table, columns: list[str]) -> pa.Table:
 def present_counts(shards: list[Shard], options: StorageOptions | None = None) -> dict[str, int]:
     """Rows, and rows with a non-null ``image`` / ``caption``, from Parquet statistics where the
     files carry them (reading only that column otherwise)."""
-    counts = {"rows": 0, "image": 0, "caption": 0}
-    for shard in shards:
-        counts["rows"] += shard.rows
+    def present(shard: Shard) -> dict[str, int]:
         fs, _ = resolve(shard.uri, options)
         meta = pq.read_metadata(shard.path, filesystem=fs)
         names = meta.schema.to_arrow_schema().names
+        found = {"rows": shard.rows, "image": 0, "caption": 0}
         for col in ("image", "caption"):
             if col not in shard.columns:
                 continue
@@ -170,8 +171,11 @@ def present_counts(shards: list[Shard], options: StorageOptions | None = None) -
                     nulls = pq.read_table(shard.path, filesystem=fs, columns=[col]).column(col).null_count
                     break
                 nulls += stats.null_count
-            counts[col] += shard.rows - nulls
-    return counts
+            found[col] = shard.rows - nulls
+        return found
+
+    parts = in_threads(present, shards)
+    return {k: sum(p[k] for p in parts) for k in ("rows", "image", "caption")}
 
 
 def parquet_batches(uri: str, fs, path: str, rows_per_batch: int,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records
 from raymmc.io.shards import Shard, ShardError, parquet_batches
-from raymmc.io.storage import StorageOptions, list_files, resolve
+from raymmc.io.storage import StorageOptions, in_threads, list_files, resolve
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
 ID_COLUMNS = ("key", "id", "image_path", "url")
@@ -35,28 +35,30 @@ def pick(names: list[str], configured: str | None, candidates: tuple[str, ...], 
 
 def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> list[Shard]:
     fs, _ = resolve(uri, options)
-    shards = []
-    for e in list_files(uri, ".parquet", options):
-        try:
-            meta = pq.read_metadata(e.path, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ShardError(f"{e.uri}: not a readable Parquet file ({exc})") from exc
-        names = meta.schema.to_arrow_schema().names
-        id_col = pick(names, cfg.id_column, ID_COLUMNS, "id", e.uri)
-        image_col = pick(names, cfg.image_column, IMAGE_COLUMNS, "image", e.uri, required=False)
-        caption_col = pick(names, cfg.caption_column, CAPTION_COLUMNS, "caption", e.uri, required=False)
-        if image_col is None and caption_col is None:
-            raise ShardError(f"{e.uri}: needs an image column ({', '.join(IMAGE_COLUMNS)}) or a caption column "
-                             f"({', '.join(CAPTION_COLUMNS)}); found {sorted(names)}")
-        label_col = pick(names, cfg.label_column, (), "label", e.uri, required=False) if cfg.label_column else None
-        columns = tuple(c for c, present in (("id", True), ("image", image_col), ("caption", caption_col),
-                                             ("label", label_col)) if present)
-        m = {"id": id_col, "image": image_col, "caption": caption_col, "label": label_col,
-             "status": "status" if "status" in names else None,
-             "error": "error_message" if "error_message" in names else None}
-        shards.append(Shard(e.uri, e.path, e.size, meta.num_rows, columns, e.mtime_ns, format="img2dataset",
-                            meta=tuple((k, v) for k, v in sorted(m.items()) if v is not None)))
-    return shards
+    return in_threads(lambda e: _shard(e, fs, cfg), list_files(uri, ".parquet", options))  # a footer read each
+
+
+def _shard(e, fs, cfg: ArchiveConfig) -> Shard:
+    """One file's footer -> its Shard."""
+    try:
+        meta = pq.read_metadata(e.path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ShardError(f"{e.uri}: not a readable Parquet file ({exc})") from exc
+    names = meta.schema.to_arrow_schema().names
+    id_col = pick(names, cfg.id_column, ID_COLUMNS, "id", e.uri)
+    image_col = pick(names, cfg.image_column, IMAGE_COLUMNS, "image", e.uri, required=False)
+    caption_col = pick(names, cfg.caption_column, CAPTION_COLUMNS, "caption", e.uri, required=False)
+    if image_col is None and caption_col is None:
+        raise ShardError(f"{e.uri}: needs an image column ({', '.join(IMAGE_COLUMNS)}) or a caption column "
+                         f"({', '.join(CAPTION_COLUMNS)}); found {sorted(names)}")
+    label_col = pick(names, cfg.label_column, (), "label", e.uri, required=False) if cfg.label_column else None
+    columns = tuple(c for c, present in (("id", True), ("image", image_col), ("caption", caption_col),
+                                         ("label", label_col)) if present)
+    m = {"id": id_col, "image": image_col, "caption": caption_col, "label": label_col,
+         "status": "status" if "status" in names else None,
+         "error": "error_message" if "error_message" in names else None}
+    return Shard(e.uri, e.path, e.size, meta.num_rows, columns, e.mtime_ns, format="img2dataset",
+                 meta=tuple((k, v) for k, v in sorted(m.items()) if v is not None))
 
 
 def read(shard: Shard, storage: StorageOptions | None, rows_per_batch: int) -> Iterator[pa.Table]:

@@ -27,7 +27,7 @@ from raymmc.io.formats.img2dataset import count_failed, failed_rows
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records, text_of
 from raymmc.io.shards import Shard, ShardError
-from raymmc.io.storage import StorageError, StorageOptions, list_files, resolve
+from raymmc.io.storage import StorageError, StorageOptions, in_threads, list_files, resolve
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -119,13 +119,10 @@ def sidecar_of(path: str) -> str:
 
 
 def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> list[Shard]:
-    from concurrent.futures import ThreadPoolExecutor
-
     fs, _ = resolve(uri, options)
     entries = sorted((e for s in SUFFIXES for e in list_files(uri, s, options)), key=lambda e: e.path)
     # Counting reads headers only, and waits on storage: threads overlap the reads of many tars.
-    with ThreadPoolExecutor(max_workers=COUNT_THREADS) as pool:
-        counts = list(pool.map(lambda e: count_samples(e.uri, e.path, fs), entries))
+    counts = in_threads(lambda e: count_samples(e.uri, e.path, fs), entries, COUNT_THREADS)
     shards = []
     for e, rows in zip(entries, counts):
         meta = {"label_column": cfg.label_column, "max_member_bytes": str(cfg.max_member_bytes)}
