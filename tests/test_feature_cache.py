@@ -255,9 +255,13 @@ def test_probe_adopts_marks_and_sweeps_attempt_folders(many_shards, tmp_path):
     assert probe_files(str(root), shards[1:2], None) == [(str(b / "killed"), True)]
 
 
-def test_a_run_beside_another_writing_the_same_file(ray_session, many_shards, tmp_path):
+def test_a_run_beside_another_writing_the_same_file(ray_session, many_shards, tmp_path, monkeypatch):
     """Another run sharing the cache is writing one of the files (its folder holds part of the rows, written just
-    now): this run neither reads, clears nor finishes that folder; it extracts the file into its own and marks it."""
+    now): this run neither reads, clears nor finishes that folder; it extracts the file into its own and marks it.
+    (Files are probed and marked 5 to a Ray task here, as 256 are on a large archive.)"""
+    from raymmc.features import extract
+
+    monkeypatch.setattr(extract, "PROBE_FILES", 5)
     shards = discover(many_shards)
     cfg = load_config(overrides=["extract.image.model=none", "extract.text.model=tfidf"])
     cache = tmp_path / "cache"

@@ -507,13 +507,14 @@ def mark_done(root: str, shards: list[Shard], attempt_dirs: list[str], storage: 
 def _in_groups(fn: Any, root: str, shards: list[Shard], extra: list | None, storage: StorageOptions | None,
                cpus_per_task: float, **kwargs: Any) -> list:
     """``fn(root, shards[i:j], [extra[i:j]], storage, **kwargs)`` over groups of PROBE_FILES files, as SPREAD Ray
-    tasks where Ray runs (the listings and small writes of 100k files are not made by the driver), concatenated."""
+    tasks where Ray runs (the listings and small writes of 100k files are not made by the driver), concatenated.
+    A single group runs in the caller: a few hundred calls cost less than starting a task's worker process."""
     import ray
 
     groups = range(0, len(shards), PROBE_FILES)
     args = [(root, shards[i:i + PROBE_FILES], *([extra[i:i + PROBE_FILES]] if extra is not None else []), storage)
             for i in groups]
-    if ray.is_initialized() and len(args) > 0:
+    if ray.is_initialized() and len(args) > 1:
         task = ray.remote(num_cpus=cpus_per_task, scheduling_strategy=SPREAD)(fn)
         parts = ray.get([task.remote(*a, **kwargs) for a in args])
     else:
