@@ -24,7 +24,7 @@ from raymmc.cluster.assignment import stable_cluster_ids
 from raymmc.config import ConfigError, RunConfig, from_dict, validate, with_overrides
 from raymmc.features.text import FITTED
 from raymmc.io import storage
-from raymmc.io.rundir import RunDir, StageTimer, check_run_location, open_run
+from raymmc.io.rundir import RunDir, StageTimer, open_run
 from raymmc.io.storage import StorageOptions
 from raymmc.pipeline import (MODEL_FILE, RunResult, fit_model, fitted_text_encoder, load_model, make_model,
                              model_params, prepare, save_model, seed_everything, train_nodes, write_manifest,
@@ -81,8 +81,7 @@ def recluster(previous_run: str, output: str, *, input_uri: str | None = None, r
     source = RunDir(previous_run, cfg.storage)  # the previous run's storage settings unless given
     input_uri = input_uri or prev_manifest["inputs"]["uri"]
     cfg = dataclasses.replace(cfg, input=input_uri, output=output, run_name=run_name)
-    validate(cfg)
-    check_run_location(output, run_name)
+    validate(cfg)  # (the run name and output too)
     seed_everything(cfg.seed)
     timer = StageTimer()
     rundir = open_run(output, run_name, f"recluster-{started.strftime('%Y%m%d-%H%M%S')}", cfg.storage,

@@ -117,3 +117,27 @@ def test_unreachable_s3_endpoint_is_a_clear_error():
     opts = StorageOptions(endpoint_url="http://127.0.0.1:9", retries=1)
     with pytest.raises(StorageError, match="s3://bucket/x"):
         storage.list_files("s3://bucket/x", options=opts)
+
+
+def test_in_threads_keeps_order_and_raises_the_first_error_in_item_order():
+    import threading
+    import time
+
+    seen = set()
+
+    def slow_square(i):
+        seen.add(threading.get_ident())
+        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        return i * i
+
+    assert storage.in_threads(slow_square, list(range(20)), threads=8) == [i * i for i in range(20)]
+    assert len(seen) > 1  # really concurrent
+
+    def fails(i):
+        time.sleep(0.02 if i == 3 else 0.0)  # item 3 fails last in time, but first in order
+        if i in (3, 7):
+            raise StorageError(f"item {i}")
+        return i
+
+    with pytest.raises(StorageError, match="item 3"):
+        storage.in_threads(fails, list(range(10)), threads=8)
