@@ -25,7 +25,7 @@ from raymmc.io.formats.img2dataset import CAPTION_COLUMNS, ID_COLUMNS, pick
 from raymmc.io.formats.options import ArchiveConfig
 from raymmc.io.formats.records import label_text, records, text_of
 from raymmc.io.shards import Shard, ShardError, parquet_batches
-from raymmc.io.storage import StorageOptions, list_files, resolve
+from raymmc.io.storage import StorageOptions, in_threads, list_files, resolve
 
 NPY_DIRS = {"img_emb": "image", "text_emb": "text"}
 # A vector column whose name has one of these is a text vector (clip-retrieval's txt_emb, caption_emb...).
@@ -123,9 +123,7 @@ def _discover_npy(uri: str, npys, options: StorageOptions | None, cfg: ArchiveCo
              if posixpath.basename(posixpath.dirname(e.path)) == "metadata"]
     if not metas:
         raise ShardError(f"{uri}: .npy embeddings in img_emb/ or text_emb/ but no metadata/*.parquet beside them")
-    dims: dict[str, int | None] = {"image": cfg.image_dim, "text": cfg.text_dim}
-    shards = []
-    for e in metas:
+    def one(e) -> tuple:  # a metadata file's footer and its vectors' .npy headers (storage round trips only)
         m = _NUMBER.search(e.path)
         vecs = by_number.get((posixpath.dirname(posixpath.dirname(e.path)), m.group(1)), {}) if m else {}
         if not vecs:
@@ -137,15 +135,22 @@ def _discover_npy(uri: str, npys, options: StorageOptions | None, cfg: ArchiveCo
             raise ShardError(f"{e.uri}: not a readable Parquet file ({exc})") from exc
         names = meta_pq.schema.to_arrow_schema().names
         meta: dict[str, str] = _metadata_columns(names, cfg, e.uri)
+        view_dims = {}
         for view, npy in sorted(vecs.items()):
             rows, dim, dtype, offset = npy_header(fs, npy.path, npy.uri)
             if rows != meta_pq.num_rows:
                 raise ShardError(f"{npy.uri}: {rows} vectors for the {meta_pq.num_rows} rows of {e.uri}")
-            dims[view] = dims[view] or dim
+            view_dims[view] = dim
             meta.update({f"{view}_npy": npy.path, f"{view}_npy_dim": str(dim), f"{view}_npy_dtype": dtype.str,
                          f"{view}_npy_offset": str(offset), f"{view}_npy_stamp": f"{npy.size}|{npy.mtime_ns}"})
-        shards.append((e, meta_pq.num_rows, meta))
-    return [_shard(e, rows, meta, dims) for e, rows, meta in shards]
+        return e, meta_pq.num_rows, meta, view_dims
+
+    found = in_threads(one, metas)
+    dims: dict[str, int | None] = {"image": cfg.image_dim, "text": cfg.text_dim}
+    for _, _, _, view_dims in found:  # each view's dimension: the configured one, else the first file's
+        for view, dim in view_dims.items():
+            dims[view] = dims[view] or dim
+    return [_shard(e, rows, meta, dims) for e, rows, meta, _ in found]
 
 
 def _shard(e, rows: int, meta: dict[str, str], dims: dict[str, int | None]) -> Shard:
