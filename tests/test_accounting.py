@@ -96,3 +96,17 @@ def test_id_buckets_are_stable_and_null_safe():
     buckets = id_buckets(ids, 7)
     assert buckets == [zlib.crc32(b"a") % 7, -1, zlib.crc32("é/..".encode()) % 7, 0, zlib.crc32(b"a") % 7]
     assert id_buckets(pa.array(["a", "b"], pa.large_string()), 1) == [0, 0]
+
+
+def test_the_duplicates_lookup_agrees_with_isin():
+    """The duplicates are looked up by binary search in their sorted array (sorted once per worker); the answer
+    is np.isin's, including an empty array and values beyond either end."""
+    import numpy as np
+
+    from raymmc.train.usable import _sorted_contains
+
+    rng = np.random.default_rng(0)
+    for n_dup in (0, 1, 7, 1000):
+        dup = np.unique(rng.integers(0, 5000, n_dup))
+        x = rng.integers(-10, 5010, 4096)
+        np.testing.assert_array_equal(_sorted_contains(dup, x), np.isin(x, dup))

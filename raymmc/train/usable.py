@@ -65,6 +65,15 @@ def _global_index(batch: pa.Table, offsets: dict[str, int]) -> np.ndarray:
     return base[sources.indices.to_numpy(zero_copy_only=False)] + batch.column("row").to_numpy().astype(np.int64)
 
 
+def _sorted_contains(sorted_values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``np.isin(x, sorted_values)`` by binary search: the duplicates are sorted once per worker, where ``np.isin``
+    would sort them again with every batch."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(x), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_values, x), len(sorted_values) - 1)
+    return sorted_values[pos] == x
+
+
 def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: dict[str, int],
             duplicate_refs: list) -> pa.Table:
     reasons = row_reasons(batch, modalities, decode)
@@ -72,7 +81,7 @@ def _select(batch: pa.Table, modalities: frozenset[str], decode: Any, offsets: d
         zero_copy_only=False)
     index = _global_index(batch, offsets)
     if duplicate_refs:
-        ok &= ~np.isin(index, _duplicate_index(tuple(duplicate_refs), offsets))
+        ok &= ~_sorted_contains(_duplicate_index(tuple(duplicate_refs), offsets), index)
     keep = np.flatnonzero(ok)
     return batch.take(pa.array(keep, pa.int64())).append_column("index", pa.array(index[keep]))
 
