@@ -184,6 +184,13 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _write_durably(f: Any, data: bytes) -> None:
+    """Write ``data`` to the open local file ``f`` and flush it to disk (a crash must not leave it empty)."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _publish(uri: str, options: StorageOptions | None, data: bytes) -> None:
     """Create ``uri`` holding ``data`` so that readers never see it half written, even when the writer fails.
     The bytes are complete before anything is sent: an object store gets them in one ``pipe`` (a single PUT, or
@@ -202,9 +209,7 @@ def _publish(uri: str, options: StorageOptions | None, data: bytes) -> None:
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_durably(f, data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -238,9 +243,7 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions | None = Non
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_durably(f, data)
         return True
     if exists(uri, options):
         return False

@@ -32,7 +32,6 @@ from raymmc.io.storage import StorageError, StorageOptions, in_threads, list_fil
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 TEXT_FIELDS = ("txt", "text", "caption")
-COUNT_THREADS = 16  # tars whose headers are read at once at discovery (I/O-bound: object-store round trips)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -122,7 +121,7 @@ def discover(uri: str, options: StorageOptions | None, cfg: ArchiveConfig) -> li
     fs, _ = resolve(uri, options)
     entries = sorted((e for s in SUFFIXES for e in list_files(uri, s, options)), key=lambda e: e.path)
     # Counting reads headers only, and waits on storage: threads overlap the reads of many tars.
-    counts = in_threads(lambda e: count_samples(e.uri, e.path, fs), entries, COUNT_THREADS)
+    counts = in_threads(lambda e: count_samples(e.uri, e.path, fs), entries)
     shards = []
     for e, rows in zip(entries, counts):
         meta = {"label_column": cfg.label_column, "max_member_bytes": str(cfg.max_member_bytes)}
